@@ -1,0 +1,123 @@
+"""`hobbit`: a thin shell over the library. Each command parses, calls one function, prints
+text for people or one JSON object (`--json`) for pipelines. Errors a user can fix print one
+line and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import HobbitError
+
+TYPE_HELP = "F32, F16, BF16"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HobbitError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hobbit")
+def main() -> None:
+    """hobbit: run Mixture-of-Experts models larger than your fast memory.
+
+    \b
+    Pipeline:
+      hobbit prepare HF_CHECKPOINT -o MODEL_DIR   # GGUF shards: dense + expert shards
+      hobbit run MODEL_DIR --prompt "..."          # generate
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Model dir to write.")
+@click.option("--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype.")
+@click.option("--high", help="Type of the high-precision expert shard. Default: the checkpoint's dtype.")
+@click.option("--low", help="Type of the low-precision expert shard (optional).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def prepare(src, out, dense, high, low, force, as_json) -> None:
+    """Convert a Hugging Face MoE checkpoint SRC into a model dir of GGUF shards.
+
+    SRC is a directory with config.json, model*.safetensors (single or sharded with its
+    index) and tokenizer.json. OUT gets a dense shard (everything but the routed experts,
+    metadata and tokenizer), one expert shard per precision and manifest.json. Work happens
+    in a temporary dir renamed to OUT at the end, so OUT is never half-written.
+    """
+    from .quantize.convert import prepare as run_prepare
+
+    manifest = run_prepare(
+        src, out, dense=dense, high=high, low=low, force=force, progress=_tty() and not as_json
+    )
+    if as_json:
+        click.echo(json.dumps({"out": out, **manifest}, indent=2))
+        return
+    click.echo(f"wrote {out}")
+    for s in manifest["shards"]:
+        click.echo(f"  {s['file']:<28} {s['type']:<5} {_gib(s['bytes'])}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-tokens", default=128, show_default=True, help="New tokens at most.")
+@click.option("-t", "--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option(
+    "--precision",
+    default="high",
+    show_default=True,
+    type=click.Choice(["high", "low"]),
+    help="Which expert shard to run from.",
+)
+@click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"text", "token_ids", "stats"}.')
+def run(model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, max_context, as_json):
+    """Generate text from a prepared MODEL_DIR, streaming it, then a stats line."""
+    from .runtime import load
+
+    rt = load(model_dir, precision=precision, max_context=max_context)
+    params = dict(
+        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+    )
+    if as_json:
+        g = rt.generate(prompt, **params)
+        click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "stats": g.stats}))
+        return
+    chunks = rt.stream(prompt, **params)
+    click.echo(prompt, nl=False)
+    while True:
+        try:
+            click.echo(next(chunks).text, nl=False)
+        except StopIteration as done:
+            g = done.value
+            break
+    s = g.stats
+    click.echo(
+        f"\n\n[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_tokens_per_s']:.1f} tok/s | "
+        f"{s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.2f} tok/s | "
+        f"{rt.info['precision']} experts ({rt.info['expert_type']}), {rt.info['dtype']}]",
+        err=True,
+    )
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _gib(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

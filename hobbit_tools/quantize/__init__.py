@@ -1,0 +1,1 @@
+"""Quantizers and the HF -> GGUF converter behind `hobbit prepare`."""

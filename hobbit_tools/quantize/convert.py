@@ -1,0 +1,294 @@
+"""`hobbit prepare`: a Hugging Face MoE checkpoint -> dense + paired expert GGUF shards.
+
+Streams tensor by tensor: peak memory is a small multiple of the largest single tensor
+(one float32 copy plus its encoded bytes), never the model.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import HobbitError
+from ..families import Family, ModelConfig
+from ..shards import (
+    ALIGNMENT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardWriter,
+    TensorPlan,
+    add_split_keys,
+    sha256_file,
+    staging_dir,
+    write_json_atomic,
+)
+from . import qtypes
+from .checkpoint import Checkpoint
+from .layout import ROLES, dense_plan, expert_tensor_name, gguf_name
+from .vocab import add_tokenizer
+
+# Keys of our own in every shard; the source config is kept verbatim so that the runtime
+# reads exactly what transformers would.
+KEY_FORMAT = "hobbit.format_version"
+KEY_SOURCE_CONFIG = "hobbit.source_config"
+KEY_ROLE = "hobbit.role"
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "high" | "low"
+    qtype: str
+
+    @property
+    def file(self) -> str:
+        return f"experts-{self.name}-{self.qtype}.gguf"
+
+
+def default_types(source_dtype: str) -> dict[str, str | None]:
+    """Sensible defaults by checkpoint dtype: keep the source precision for dense and high."""
+    return {"dense": source_dtype, "high": source_dtype, "low": None}
+
+
+def prepare(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dense: str | None = None,
+    high: str | None = None,
+    low: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Convert checkpoint `src` into model dir `out`; returns the manifest."""
+    ckpt = Checkpoint(src)
+    cfg = ModelConfig.from_hf(ckpt.config)
+    fam = cfg.spec
+    defaults = default_types(ckpt.source_dtype())
+    dense = _check_type(dense or defaults["dense"], "--dense", FLOAT_TYPES)
+    precisions = [Precision("high", _check_type(high or defaults["high"], "--high"))]
+    if low or defaults["low"]:
+        precisions.append(Precision("low", _check_type(low or defaults["low"], "--low")))
+
+    experts, dense_names = _split_names(ckpt, fam)
+    _check_experts(ckpt, cfg, experts)
+    plan = dense_plan(ckpt, cfg, dense_names, dense)
+    expert_plans = {p.name: _expert_plan(cfg, p.qtype) for p in precisions}
+    total = sum(t.plan.nbytes for t in plan) + sum(t.nbytes for ps in expert_plans.values() for t in ps)
+
+    out = Path(out)
+    with staging_dir(out, force) as tmp:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+        n_split = len(plan) + len(expert_plans["high"])
+        dense_file = f"dense-{dense}.gguf"
+        writer = ShardWriter(tmp / dense_file, gguf.MODEL_ARCH_NAMES[fam.arch])
+        _add_metadata(writer.gw, ckpt, cfg, role="dense")
+        add_tokenizer(writer.gw, ckpt, cfg.vocab_size)
+        add_split_keys(writer.gw, 0, n_split)
+        for t in plan:
+            writer.add_tensor(t.plan)
+        writer.begin()
+        for t in plan:
+            writer.write_tensor([t.encode(ckpt)])
+            bar.update(t.plan.nbytes)
+        writer.close()
+
+        checksums = _write_experts(tmp, ckpt, cfg, experts, precisions, expert_plans, n_split, bar)
+        bar.close()
+        manifest = _manifest(tmp, ckpt, cfg, dense_file, dense, precisions, plan, checksums)
+        _link_llamacpp(tmp, dense_file, precisions)
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _check_type(qtype: str, flag: str, allowed: tuple[str, ...] | None = None) -> str:
+    qtype = qtype.upper()
+    allowed = allowed or tuple(qtypes.QTYPES)
+    if qtype not in allowed:
+        raise HobbitError(f"{flag} {qtype} is not a supported type (choose from {', '.join(allowed)})")
+    return qtype
+
+
+def _split_names(ckpt: Checkpoint, fam: Family) -> tuple[dict, list[str]]:
+    """Routed-expert tensors keyed by (layer, expert, role); everything else is dense."""
+    pattern = re.compile(
+        rf"^model\.layers\.(\d+)\.{re.escape(fam.experts_stem)}\.(\d+)\.(\w+)\.weight$"
+    )
+    experts: dict[tuple[int, int, str], str] = {}
+    dense: list[str] = []
+    for name in ckpt.names():
+        m = pattern.match(name)
+        if m and m.group(3) in fam.expert_roles:
+            experts[(int(m.group(1)), int(m.group(2)), fam.expert_roles[m.group(3)])] = name
+        elif not name.endswith("rotary_emb.inv_freq"):
+            dense.append(name)
+    return experts, dense
+
+
+def _check_experts(ckpt: Checkpoint, cfg: ModelConfig, experts: dict) -> None:
+    missing, misshaped = [], []
+    for layer, is_moe in enumerate(cfg.moe_layers):
+        if not is_moe:
+            continue
+        for e in range(cfg.num_experts):
+            for role in ROLES:
+                want = _expert_shape(cfg, role)
+                name = experts.get((layer, e, role))
+                if name is None:
+                    missing.append(f"layer {layer} expert {e} {role}")
+                elif ckpt.shape(name) != want:
+                    misshaped.append(f"{name} is {list(ckpt.shape(name))}, expected {list(want)}")
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise HobbitError(f"checkpoint lacks expert tensors: {', '.join(missing[:5])}{more}")
+    if misshaped:
+        raise HobbitError("mis-shaped expert tensors: " + "; ".join(misshaped[:5]))
+
+
+def _expert_shape(cfg: ModelConfig, role: str) -> tuple[int, int]:
+    f, d = cfg.expert_ffn, cfg.hidden_size
+    return (d, f) if role == "down" else (f, d)
+
+
+def _expert_plan(cfg: ModelConfig, qtype: str) -> list[TensorPlan]:
+    plans = []
+    for layer, is_moe in enumerate(cfg.moe_layers):
+        if not is_moe:
+            continue
+        for role in ROLES:
+            rows, cols = _expert_shape(cfg, role)
+            try:
+                nbytes = cfg.num_experts * rows * qtypes.row_nbytes(qtype, cols)
+            except ValueError as e:
+                raise HobbitError(f"{role} experts of layer {layer}: {e}; choose another type") from e
+            shape = (cfg.num_experts, rows, cols)
+            plans.append(TensorPlan(expert_tensor_name(layer, role), shape, qtype, nbytes))
+    return plans
+
+
+def _to_f32(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float32).numpy()
+
+
+def _write_experts(tmp, ckpt, cfg, experts, precisions, expert_plans, n_split, bar) -> dict:
+    """Writes all expert shards in lockstep, so each source tensor is read once.
+    Returns crc32 per precision, layer and expert over its gate|up|down bytes."""
+    fam = cfg.spec
+    writers = {}
+    for p in precisions:
+        w = ShardWriter(tmp / p.file, gguf.MODEL_ARCH_NAMES[fam.arch])
+        _add_metadata(w.gw, ckpt, cfg, role=f"experts-{p.name}")
+        add_split_keys(w.gw, 1, n_split)
+        for t in expert_plans[p.name]:
+            w.add_tensor(t)
+        w.begin()
+        writers[p.name] = w
+    crc = {p.name: {} for p in precisions}
+    for layer, is_moe in enumerate(cfg.moe_layers):
+        if not is_moe:
+            continue
+        for p in precisions:
+            crc[p.name][layer] = [0] * cfg.num_experts
+        for role in ROLES:
+            for w in writers.values():
+                w.start_tensor()
+            for e in range(cfg.num_experts):
+                x = _to_f32(ckpt.read(experts[(layer, e, role)]))
+                for p in precisions:
+                    data = qtypes.quantize(x, p.qtype).tobytes()
+                    writers[p.name].write(data)
+                    crc[p.name][layer][e] = zlib.crc32(data, crc[p.name][layer][e])
+                    bar.update(len(data))
+            for w in writers.values():
+                w.end_tensor()
+    for w in writers.values():
+        w.close()
+    return {
+        p: {str(layer): [f"{c:08x}" for c in cs] for layer, cs in by_layer.items()}
+        for p, by_layer in crc.items()
+    }
+
+
+def _add_metadata(gw: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, role: str) -> None:
+    """llama.cpp's hyper-parameter keys, plus the source config verbatim for hobbit."""
+    import json
+
+    gw.add_name(ckpt.path.name)
+    gw.add_uint32(KEY_FORMAT, FORMAT_VERSION)
+    gw.add_string(KEY_ROLE, role)
+    gw.add_string(KEY_SOURCE_CONFIG, json.dumps(ckpt.config, sort_keys=True))
+    if role != "dense":
+        return
+    gw.add_block_count(cfg.num_layers)
+    gw.add_context_length(cfg.max_context)
+    gw.add_embedding_length(cfg.hidden_size)
+    gw.add_feed_forward_length(cfg.dense_ffn or cfg.expert_ffn)
+    gw.add_head_count(cfg.num_heads)
+    gw.add_head_count_kv(cfg.num_kv_heads)
+    gw.add_key_length(cfg.head_dim)
+    gw.add_value_length(cfg.head_dim)
+    gw.add_rope_dimension_count(cfg.head_dim)
+    gw.add_rope_freq_base(cfg.rope.theta)
+    gw.add_layer_norm_rms_eps(cfg.norm_eps)
+    gw.add_expert_count(cfg.num_experts)
+    gw.add_expert_used_count(cfg.top_k)
+    gw.add_expert_feed_forward_length(cfg.expert_ffn)
+    if cfg.shared_expert_ffn:
+        gw.add_expert_shared_feed_forward_length(cfg.shared_expert_ffn)
+    gw.add_expert_weights_norm(cfg.norm_topk_prob)
+    gw.add_file_type(_file_type(cfg))
+
+
+def _file_type(cfg: ModelConfig) -> int:
+    return gguf.LlamaFileType.ALL_F32  # informational only; every tensor carries its own type
+
+
+def _manifest(tmp, ckpt, cfg, dense_file, dense_type, precisions, plan, checksums) -> dict:
+    shards = [
+        {"file": dense_file, "role": "dense", "type": dense_type},
+        *({"file": p.file, "role": f"experts-{p.name}", "type": p.qtype} for p in precisions),
+    ]
+    for s in shards:
+        s["bytes"] = (tmp / s["file"]).stat().st_size
+        s["sha256"] = sha256_file(tmp / s["file"])
+    n_moe = sum(cfg.moe_layers)
+    per_expert = {
+        p.name: sum(
+            _expert_shape(cfg, r)[0] * qtypes.row_nbytes(p.qtype, _expert_shape(cfg, r)[1])
+            for r in ROLES
+        )
+        for p in precisions
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": f"hobbit-tools {__version__}",
+        "source": {"name": ckpt.path.name, "digest": ckpt.digest(), "model_type": cfg.family},
+        "alignment": ALIGNMENT,
+        "types": {"dense": dense_type, **{p.name: p.qtype for p in precisions}},
+        "shards": shards,
+        "num_layers": cfg.num_layers,
+        "moe_layers": [i for i, m in enumerate(cfg.moe_layers) if m],
+        "num_experts": cfg.num_experts,
+        "expert_bytes": per_expert,
+        "expert_shard_bytes": {p: b * cfg.num_experts * n_moe for p, b in per_expert.items()},
+        "dense_tensor_bytes": sum(t.plan.nbytes for t in plan),
+        "expert_crc32": checksums,
+    }
+
+
+def _link_llamacpp(tmp: Path, dense_file: str, precisions: list[Precision]) -> None:
+    """llama.cpp finds split files by name: llamacpp/<precision>-0000{1,2}-of-00002.gguf."""
+    d = tmp / "llamacpp"
+    d.mkdir()
+    for p in precisions:
+        (d / f"{p.name}-00001-of-00002.gguf").symlink_to(Path("..") / dense_file)
+        (d / f"{p.name}-00002-of-00002.gguf").symlink_to(Path("..") / p.file)

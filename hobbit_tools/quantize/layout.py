@@ -1,0 +1,174 @@
+"""Where each checkpoint tensor goes: llama.cpp names, expected shapes, storage types.
+
+Names follow llama.cpp through the gguf package's tensor-name maps. Routed experts are
+stacked per layer and role into `blk.N.ffn_{gate,up,down}_exps.weight` of shape [E, rows,
+cols] (expert index outermost), so one expert's slice of each is contiguous on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import HobbitError
+from ..families import ModelConfig
+from ..shards import TensorPlan
+from . import qtypes
+from .checkpoint import Checkpoint
+
+ROLES = ("gate", "up", "down")
+
+# Dense-FFN layers of MoE families (qwen's mlp_only_layers) are absent from the gguf
+# package's per-architecture maps.
+_EXTRA_NAMES = {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def expert_tensor_name(layer: int, role: str) -> str:
+    return f"blk.{layer}.ffn_{role}_exps.weight"
+
+
+@dataclass(frozen=True)
+class DenseTensor:
+    plan: TensorPlan
+    source: str  # checkpoint tensor name
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def encode(self, ckpt: Checkpoint) -> np.ndarray:
+        x = ckpt.read(self.source).to(torch.float32).numpy()
+        if self.transform is not None:
+            x = self.transform(x)
+        return qtypes.quantize(np.ascontiguousarray(x), self.plan.qtype)
+
+
+def gguf_name(cfg: ModelConfig, hf_name: str) -> str | None:
+    name = _name_map(cfg).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is not None:
+        return name
+    parts = hf_name.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"]:
+        extra = _EXTRA_NAMES.get(".".join(parts[3:5]))
+        if extra:
+            return f"blk.{parts[2]}.{extra}.{parts[5]}"
+    return None
+
+
+_MAPS: dict[tuple, gguf.TensorNameMap] = {}
+
+
+def _name_map(cfg: ModelConfig) -> gguf.TensorNameMap:
+    key = (cfg.spec.arch, cfg.num_layers)
+    if key not in _MAPS:
+        _MAPS[key] = gguf.get_tensor_name_map(cfg.spec.arch, cfg.num_layers)
+    return _MAPS[key]
+
+
+def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every non-expert tensor the runtime needs, with its shape (rows, cols)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (v, d)
+    fam = cfg.spec
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        shapes |= {
+            b + "attn_norm.weight": (d,),
+            b + "ffn_norm.weight": (d,),
+            b + "attn_q.weight": (q, d),
+            b + "attn_k.weight": (kv, d),
+            b + "attn_v.weight": (kv, d),
+            b + "attn_output.weight": (d, q),
+        }
+        if fam.qk_norm == "head":
+            shapes |= {b + "attn_q_norm.weight": (cfg.head_dim,), b + "attn_k_norm.weight": (cfg.head_dim,)}
+        elif fam.qk_norm == "full":
+            shapes |= {b + "attn_q_norm.weight": (q,), b + "attn_k_norm.weight": (kv,)}
+        if fam.norm == "layer":
+            shapes |= {b + "attn_norm.bias": (d,), b + "ffn_norm.bias": (d,)}
+        if cfg.moe_layers[i]:
+            shapes[b + "ffn_gate_inp.weight"] = (cfg.num_experts, d)
+            if cfg.shared_expert_ffn:
+                s = cfg.shared_expert_ffn
+                shapes |= {
+                    b + "ffn_gate_shexp.weight": (s, d),
+                    b + "ffn_up_shexp.weight": (s, d),
+                    b + "ffn_down_shexp.weight": (d, s),
+                    b + "ffn_gate_inp_shexp.weight": (1, d),
+                }
+        else:
+            f = cfg.dense_ffn
+            shapes |= {b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d), b + "ffn_down.weight": (d, f)}
+    if fam.norm == "layer":
+        shapes["output_norm.bias"] = (d,)
+    return shapes
+
+
+def dense_plan(ckpt: Checkpoint, cfg: ModelConfig, names: list[str], qtype: str) -> list[DenseTensor]:
+    required = required_dense_shapes(cfg)
+    by_gguf: dict[str, str] = {}
+    unknown = []
+    for hf in names:
+        g = gguf_name(cfg, hf)
+        if g is None:
+            unknown.append(hf)
+        else:
+            by_gguf[g] = hf
+    if unknown:
+        raise HobbitError(
+            f"checkpoint has tensors hobbit does not know for {cfg.family}: {', '.join(unknown[:5])}"
+        )
+    missing = [g for g in required if g not in by_gguf]
+    if missing:
+        hint = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise HobbitError(f"checkpoint lacks tensors: {hint}")
+    plans = []
+    for g in sorted(by_gguf, key=_order):
+        hf = by_gguf[g]
+        shape = ckpt.shape(hf)
+        want = required.get(g) or _bias_shape(g, required, shape)
+        if tuple(shape) != tuple(want):
+            raise HobbitError(f"{hf} has shape {list(shape)}, expected {list(want)} from config.json")
+        # Norms, biases and routers stay F32, as llama.cpp keeps them: routing is sensitive.
+        t = qtype if len(shape) == 2 and "ffn_gate_inp" not in g else "F32"
+        nbytes = shape[0] * qtypes.row_nbytes(t, shape[1]) if len(shape) == 2 else shape[0] * 4
+        plans.append(DenseTensor(TensorPlan(g, tuple(shape), t, nbytes), hf, _transform(cfg, g)))
+    return plans
+
+
+def _bias_shape(name: str, required: dict, shape) -> tuple[int, ...]:
+    weight = required.get(name.replace(".bias", ".weight"))
+    if name.endswith(".bias") and weight is not None:
+        return (weight[0],)
+    return tuple(shape)
+
+
+def _order(name: str) -> tuple:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), ".".join(parts[2:]))
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def _transform(cfg: ModelConfig, name: str):
+    if not cfg.spec.permute_qk:
+        return None
+    if name.endswith("attn_q.weight"):
+        return lambda x: permute_qk(x, cfg.num_heads)
+    if name.endswith("attn_k.weight"):
+        return lambda x: permute_qk(x, cfg.num_kv_heads)
+    return None
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K layout for its `llama` architecture: rotary pairs interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of `permute_qk`: back to Hugging Face's half-split rotary layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,96 @@
+"""Routed experts behind one narrow interface: route -> fetch -> compute -> combine.
+
+The model hands each MoE layer's input and routing to an `ExpertBackend`; the backend decides
+where expert weights come from (resident here; an offloading cache in `cache.py`) and returns
+the weighted sum of expert outputs. Experts are data: three linear maps, never nn.Modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+Linear = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> [T, out]
+
+
+@dataclass
+class Expert:
+    gate: Linear
+    up: Linear
+    down: Linear
+    nbytes: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ExpertBackend(Protocol):
+    def forward(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, D], ids [T, K], weights [T, K] float32 -> sum_k weights * expert_k(x) [T, D]."""
+        ...
+
+    def new_sequence(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+def dispatch(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Group routing by expert: [(expert, token rows, top-k slots)], experts ascending."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    k = ids.shape[1]
+    groups = []
+    for e, idx in zip(experts.tolist(), torch.split(order, counts.tolist()), strict=True):
+        groups.append((e, idx // k, idx % k))
+    return groups
+
+
+def combine(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    expert: Callable[[int], Expert],
+) -> torch.Tensor:
+    """Compute each selected expert on its tokens and add the weighted outputs."""
+    w = weights.to(x.dtype)
+    if x.shape[0] == 1:  # decode: K experts, one token, no gather/scatter
+        out = None
+        for slot, e in enumerate(ids[0].tolist()):
+            y = expert(e)(x) * w[0, slot]
+            out = y if out is None else out + y
+        return out
+    out = torch.zeros_like(x)
+    for e, rows, slots in dispatch(ids):
+        y = expert(e)(x[rows]) * w[rows, slots, None]
+        out.index_add_(0, rows, y)
+    return out
+
+
+class ResidentExperts:
+    """Every expert of every MoE layer held in memory at one precision (the `resident`
+    baseline, and the reference the offloading backends must match token for token)."""
+
+    def __init__(self, experts: dict[int, list[Expert]]):
+        self.experts = experts
+        self._uses = 0
+
+    def forward(self, layer, x, ids, weights):
+        self._uses += ids.numel()
+        return combine(x, ids, weights, self.experts[layer].__getitem__)
+
+    def new_sequence(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"expert_uses": self._uses, "hits": self._uses, "misses": 0, "bytes_read": 0}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for layer in self.experts.values() for e in layer)

@@ -1,0 +1,160 @@
+"""Model dir -> Runtime: dense weights resident, experts through an ExpertBackend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import HobbitError
+from ..families import ModelConfig
+from ..quantize.convert import KEY_SOURCE_CONFIG
+from ..quantize.layout import ROLES, expert_tensor_name, unpermute_qk
+from ..shards import ShardReader, read_manifest
+from .experts import Expert, ResidentExperts
+from .kernels import QLinear
+from .model import LayerWeights, ModelWeights, Transformer
+from .tokenizer import Tokenizer
+
+COMPUTE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DEFAULT_CONTEXT = 4096
+
+
+class ModelFiles:
+    """The shards of a prepared model dir, opened and checked against the manifest."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.manifest = read_manifest(self.dir)
+        by_role = {s["role"]: s for s in self.manifest["shards"]}
+        self.dense = ShardReader(self.dir / by_role["dense"]["file"])
+        self.config = ModelConfig.from_hf(json.loads(self.dense.meta(KEY_SOURCE_CONFIG)))
+        self._by_role = by_role
+
+    @property
+    def precisions(self) -> list[str]:
+        return [r.removeprefix("experts-") for r in self._by_role if r.startswith("experts-")]
+
+    def experts(self, precision: str) -> ShardReader:
+        role = f"experts-{precision}"
+        if role not in self._by_role:
+            have = ", ".join(self.precisions)
+            raise HobbitError(
+                f"{self.dir} has no {precision}-precision expert shard (it has: {have}); "
+                f"prepare with --{precision} TYPE"
+            )
+        return ShardReader(self.dir / self._by_role[role]["file"])
+
+    def dense_tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        info = self.dense.tensors[name]
+        return raw_to_tensor(self.dense.array(name), info.qtype, info.shape).to(dtype)
+
+
+def raw_to_tensor(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float tensors only (F32, F16, BF16): a copy, never a view of the memmap."""
+    if qtype == "F32":
+        t = torch.from_numpy(raw.view(np.float32).copy())
+    elif qtype == "F16":
+        t = torch.from_numpy(raw.view(np.float16).copy())
+    elif qtype == "BF16":
+        t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        raise HobbitError(f"dense tensors must be F32, F16 or BF16, found {qtype}")
+    return t.reshape(shape)
+
+
+def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
+    cfg, names = files.config, files.dense.tensors
+
+    def get(name: str) -> torch.Tensor | None:
+        return files.dense_tensor(name, dtype) if name in names else None
+
+    def norm(prefix: str):
+        return get(prefix + ".weight"), get(prefix + ".bias")
+
+    layers = []
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        wq, wk = get(b + "attn_q.weight"), get(b + "attn_k.weight")
+        if cfg.spec.permute_qk:
+            wq, wk = unpermute_qk(wq, cfg.num_heads), unpermute_qk(wk, cfg.num_kv_heads)
+        shared = None
+        if b + "ffn_gate_shexp.weight" in names:
+            shared = tuple(get(f"{b}ffn_{r}_shexp.weight") for r in ROLES)
+        mlp = None
+        if b + "ffn_gate.weight" in names:
+            mlp = tuple(get(f"{b}ffn_{r}.weight") for r in ROLES)
+        layers.append(
+            LayerWeights(
+                attn_norm=norm(b + "attn_norm"),
+                ffn_norm=norm(b + "ffn_norm"),
+                wq=wq,
+                wk=wk,
+                wv=get(b + "attn_v.weight"),
+                wo=get(b + "attn_output.weight"),
+                bq=get(b + "attn_q.bias"),
+                bk=get(b + "attn_k.bias"),
+                bv=get(b + "attn_v.bias"),
+                bo=get(b + "attn_output.bias"),
+                q_norm=get(b + "attn_q_norm.weight"),
+                k_norm=get(b + "attn_k_norm.weight"),
+                router=get(b + "ffn_gate_inp.weight"),
+                shared=shared,
+                shared_gate=get(b + "ffn_gate_inp_shexp.weight"),
+                mlp=mlp,
+            )
+        )
+    embed = get("token_embd.weight")
+    output = get("output.weight")
+    return ModelWeights(
+        embed=embed,
+        norm=norm("output_norm"),
+        output=embed if output is None else output,
+        output_bias=get("output.bias"),
+        layers=layers,
+    )
+
+
+def load_resident_experts(files: ModelFiles, precision: str, dtype: torch.dtype) -> ResidentExperts:
+    shard = files.experts(precision)
+    cfg = files.config
+    experts: dict[int, list[Expert]] = {}
+    for layer, is_moe in enumerate(cfg.moe_layers):
+        if not is_moe:
+            continue
+        per_role = {}
+        for role in ROLES:
+            info = shard.tensors[expert_tensor_name(layer, role)]
+            raw = shard.array(info.name).reshape(info.shape[0], info.shape[1], -1)
+            per_role[role] = [
+                QLinear.from_raw(torch.from_numpy(raw[e].copy()), info.qtype, info.shape[1:], dtype)
+                for e in range(cfg.num_experts)
+            ]
+        experts[layer] = [
+            Expert(*(per_role[r][e] for r in ROLES), nbytes=sum(per_role[r][e].nbytes for r in ROLES))
+            for e in range(cfg.num_experts)
+        ]
+    return ResidentExperts(experts)
+
+
+def build_model(
+    files: ModelFiles, backend, dtype: torch.dtype, max_context: int | None
+) -> Transformer:
+    cfg = files.config
+    ctx = min(max_context or DEFAULT_CONTEXT, cfg.max_context)
+    return Transformer(cfg, load_dense(files, dtype), backend, dtype, ctx)
+
+
+def compute_dtype(files: ModelFiles, dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = (dtype or files.manifest["types"]["dense"]).upper()
+    if key not in COMPUTE_DTYPES:
+        raise HobbitError(f"dtype {dtype} is not one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[key]
+
+
+def tokenizer(files: ModelFiles) -> Tokenizer:
+    return Tokenizer(files.dense)

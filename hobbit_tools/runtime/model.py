@@ -1,0 +1,168 @@
+"""The decoder: attention with GQA and RoPE, norms, routers, static KV cache.
+
+Shape legend: T tokens in this call, S cache length, D hidden, H heads, Hkv kv heads,
+Dh head dim, E experts, K experts per token, V vocab.
+
+Routed experts are not held here: each MoE layer calls `ExpertBackend.forward`, the one
+narrow interface (route -> fetch -> compute -> combine) behind which caching and
+offloading live. Attention never sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import HobbitError
+from ..families import ModelConfig
+from .experts import ExpertBackend
+from .rope import Rope, apply_rope
+from .routing import softmax_topk, sparsemixer
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: tuple[torch.Tensor, torch.Tensor | None]  # weight, bias (LayerNorm families)
+    ffn_norm: tuple[torch.Tensor, torch.Tensor | None]
+    wq: torch.Tensor  # [H*Dh, D]
+    wk: torch.Tensor  # [Hkv*Dh, D]
+    wv: torch.Tensor
+    wo: torch.Tensor  # [D, H*Dh]
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    router: torch.Tensor | None = None  # [E, D] float32 (MoE layers)
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # gate, up, down
+    shared_gate: torch.Tensor | None = None  # [1, D]
+    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # dense-FFN layers
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, D]
+    norm: tuple[torch.Tensor, torch.Tensor | None]
+    output: torch.Tensor  # [V, D]
+    output_bias: torch.Tensor | None
+    layers: list[LayerWeights]
+
+
+class KVCache:
+    """Preallocated keys and values [L, Hkv, S, Dh]; `length` tokens are filled."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, dtype: torch.dtype):
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+
+class Transformer:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: ModelWeights,
+        experts: ExpertBackend,
+        dtype: torch.dtype,
+        max_context: int,
+    ):
+        self.cfg = cfg
+        self.w = weights
+        self.experts = experts
+        self.dtype = dtype
+        self.cache = KVCache(cfg, max_context, dtype)
+        self.rope = Rope(cfg.rope, cfg.head_dim, max_context, dtype)
+        self.scale = cfg.head_dim**-0.5
+        self._layer_norm = cfg.spec.norm == "layer"
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens [T] after the cached prefix; returns float32 logits of the last token
+        [V], or of every token [T, V] with `all_logits`."""
+        T = tokens.shape[0]
+        start = self.cache.length
+        if start + T > self.cache.max_len:
+            raise HobbitError(
+                f"sequence of {start + T} tokens exceeds the context of {self.cache.max_len}; "
+                "shorten the prompt or load with a larger max_context"
+            )
+        cos, sin = self.rope(start, T)
+        h = self.w.embed[tokens].to(self.dtype)  # [T, D]
+        for i, lw in enumerate(self.w.layers):
+            h = h + self._attention(i, lw, self._norm(h, lw.attn_norm), start, cos, sin)
+            h = h + self._ffn(i, lw, self._norm(h, lw.ffn_norm))
+        self.cache.length = start + T
+        if not all_logits:
+            h = h[-1:]
+        logits = F.linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
+        return logits if all_logits else logits[0]
+
+    def reset(self) -> None:
+        self.cache.length = 0
+        self.experts.new_sequence()
+
+    def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        weight, bias = wb
+        if self._layer_norm:
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.norm_eps)
+        return _rms_norm(x, weight, self.cfg.norm_eps)
+
+    def _attention(self, i, lw: LayerWeights, x, start, cos, sin) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        q = F.linear(x, lw.wq, lw.bq)
+        k = F.linear(x, lw.wk, lw.bk)
+        v = F.linear(x, lw.wv, lw.bv)
+        if cfg.spec.qk_norm == "full":
+            q, k = _rms_norm(q, lw.q_norm, cfg.norm_eps), _rms_norm(k, lw.k_norm, cfg.norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(T, cfg.num_heads, cfg.head_dim)
+        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.spec.qk_norm == "head":
+            q, k = _rms_norm(q, lw.q_norm, cfg.norm_eps), _rms_norm(k, lw.k_norm, cfg.norm_eps)
+        q = apply_rope(q.transpose(0, 1), cos, sin)  # [H, T, Dh]
+        k = apply_rope(k.transpose(0, 1), cos, sin)  # [Hkv, T, Dh]
+        end = start + T
+        self.cache.k[i, :, start:end] = k
+        self.cache.v[i, :, start:end] = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        keys, values = self.cache.k[i, :, :end], self.cache.v[i, :, :end]
+        mask = None
+        if T > 1:  # query t sees keys 0..start+t
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )[0]  # [H, T, Dh]
+        return F.linear(out.transpose(0, 1).reshape(T, -1), lw.wo, lw.bo)
+
+    def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if lw.router is None:
+            return _swiglu(x, *lw.mlp)
+        ids, weights = self.route(i, x)
+        out = self.experts.forward(i, x, ids, weights)
+        if lw.shared is not None:
+            gate = torch.sigmoid(F.linear(x, lw.shared_gate))
+            out = out + gate * _swiglu(x, *lw.shared)
+        return out
+
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's router on its input x [T, D] -> ids [T, K], weights [T, K] float32."""
+        logits = F.linear(x, self.w.layers[i].router)
+        if self.cfg.spec.router == "sparsemixer":
+            return sparsemixer(logits, self.cfg.router_jitter_eps)
+        return softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers: normalise in float32, scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _swiglu(x, gate, up, down) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

@@ -1,0 +1,130 @@
+"""Tiny random MoE checkpoints of every family, built with transformers' own classes.
+
+Odd sizes on purpose: hidden not a power of two, GQA, top-k > 2 where the family allows it,
+several layers. Each `save_pretrained` writes the real Hugging Face layout that `hobbit
+prepare` reads (per-expert tensors, config.json, safetensors), plus a BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+VOCAB = 384
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=72,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+
+FAMILIES = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=40, num_local_experts=6, num_experts_per_tok=3, rope_theta=10000.0),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        # sparsemixer is defined for top-2 only; attention and lm_head biases as Phi-3.5-MoE.
+        dict(
+            intermediate_size=40,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+            router_jitter_noise=0.01,
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=56,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            num_experts=6,
+            num_experts_per_tok=3,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=56,
+            moe_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=3,
+            head_dim=16,
+            norm_topk_prob=True,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=40, num_experts=6, num_experts_per_tok=3, clip_qkv=8.0),
+    ),
+}
+
+
+def train_tokenizer(dest: Path) -> None:
+    """A byte-level BPE on a slice of Tiny Shakespeare, saved as transformers would."""
+    text = (DATA / "tinyshakespeare.txt").read_text()[:60_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 4,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": True})
+    )
+
+
+def make_checkpoint(
+    family: str,
+    dest: Path,
+    tokenizer_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **overrides,
+) -> transformers.PreTrainedModel:
+    """Save a random `family` model to dest and return it (float32, eval mode)."""
+    config_cls, model_cls, kw = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**COMMON, **kw, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    save = model.to(dtype) if dtype != torch.float32 else model
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    save.save_pretrained(dest, **kwargs)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dest / f.name)
+    (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": 0}))
+    return model.float()
