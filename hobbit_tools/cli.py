@@ -111,6 +111,38 @@ def run(model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, pr
     )
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option(
+    "--preset",
+    default="mixtral-mini",
+    show_default=True,
+    type=click.Choice(["mixtral-mini", "mixtral-1g", "mixtral-2g"]),
+    help="Shape: Mixtral proportions scaled down.",
+)
+@click.option("--layers", type=int, help="Override the preset's layer count.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "f16", "f32"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def synth(out, preset, layers, dtype, seed, force) -> None:
+    """Write a random-weight Mixtral-architecture HF checkpoint to OUT, for benchmarks.
+
+    Its text is noise; its shapes, bytes and I/O are real. Prepare it like any checkpoint.
+    """
+    import dataclasses
+
+    import torch
+
+    from .synth import PRESETS, make_random_checkpoint
+
+    shape = PRESETS[preset]
+    if layers:
+        shape = dataclasses.replace(shape, layers=layers)
+    dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
+    make_random_checkpoint(out, shape, dtype=dt, seed=seed, force=force, progress=_tty())
+    click.echo(f"wrote {out} ({shape})")
+
+
 def _tty() -> bool:
     return sys.stderr.isatty()
 

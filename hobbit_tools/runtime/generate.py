@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +28,10 @@ class SamplingParams:
 
 @dataclass
 class Chunk:
-    """One streamed step: the new token and the text it completes (may be empty)."""
+    """One streamed step: the new token and the text it completes (may be empty). The last
+    chunk may carry only held-back text (token_id None)."""
 
-    token_id: int
+    token_id: int | None
     text: str
 
 
@@ -108,9 +111,13 @@ class Runtime:
         new: list[int] = []
         reason = "length"
 
+        experts = self.model.experts
+        base = experts.stats()
         t0 = time.perf_counter()
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long))
         t_prefill = time.perf_counter() - t0
+        prefill_stats = experts.stats()
+        per_token, last = [], prefill_stats
         t1 = time.perf_counter()
         step = torch.empty(1, dtype=torch.long)
         forwards = 0
@@ -131,9 +138,16 @@ class Runtime:
             step[0] = token
             logits = self.model.forward(step)
             forwards += 1
+            now = experts.stats()
+            per_token.append({k: now[k] - last[k] for k in ("hits", "misses", "bytes_read")})
+            last = now
         t_decode = time.perf_counter() - t1
-        if reason != "stop" and (tail := stops.flush()):
-            yield Chunk(new[-1], tail)
+        if reason != "stop":
+            text, hit = stops.feed(decoder.flush())
+            if tail := text + ("" if hit else stops.flush()):
+                yield Chunk(None, tail)
+        end = experts.stats()
+        decode_bytes = end["bytes_read"] - prefill_stats["bytes_read"]
         stats = {
             "prompt_tokens": len(ids),
             "new_tokens": len(new),
@@ -141,9 +155,33 @@ class Runtime:
             "prefill_tokens_per_s": len(ids) / t_prefill if t_prefill else 0.0,
             "decode_s": t_decode,
             "decode_tokens_per_s": forwards / t_decode if forwards else 0.0,
-            **self.model.experts.stats(),
+            **_delta(end, base),
+            "decode_bytes_read_per_token": decode_bytes / forwards if forwards else 0.0,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "per_token": per_token,
         }
         return Generation(stops.text, new, stats, reason)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _delta(end: dict, base: dict) -> dict:
+    """Counters of this generation only; gauges (rates, sizes) as they are now."""
+    out = {}
+    for k, v in end.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv - base.get(k, {}).get(kk, 0) for kk, vv in v.items()}
+        elif k in ("hit_rate", "cache_bytes", "cache_slots"):
+            out[k] = v
+        else:
+            out[k] = v - base.get(k, 0)
+    hits, misses = out.get("hits", 0), out.get("misses", 0)
+    out["hit_rate"] = hits / (hits + misses) if hits + misses else 1.0
+    return out
 
 
 class StopMatcher:

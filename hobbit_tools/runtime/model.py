@@ -61,6 +61,10 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
 
 class Transformer:
     def __init__(
@@ -101,6 +105,16 @@ class Transformer:
             h = h[-1:]
         logits = F.linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
         return logits if all_logits else logits[0]
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of resident non-expert weights (the embedding counted once if tied)."""
+        seen, total = set(), 0
+        for t in _tensors(self.w):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
 
     def reset(self) -> None:
         self.cache.length = 0
@@ -155,6 +169,17 @@ class Transformer:
         if self.cfg.spec.router == "sparsemixer":
             return sparsemixer(logits, self.cfg.router_jitter_eps)
         return softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for o in obj:
+            yield from _tensors(o)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

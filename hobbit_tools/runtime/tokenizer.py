@@ -22,19 +22,30 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character
-    (byte-level tokens can end mid-character: hold those back until complete)."""
+    """Turns a growing list of token ids into text deltas in constant work per token.
+
+    Decodes a short window (the previous token(s) as context, so that decoders which strip a
+    leading space see it) and never splits a UTF-8 character: byte-level tokens can end
+    mid-character, so text ending in U+FFFD is held back until it completes."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # window start: context tokens already emitted
+        self.read = 0  # tokens before this are emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back, incomplete characters included (end of generation)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        context = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        if (text.endswith("\ufffd") and not final) or len(text) <= len(context):
             return ""
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(context) :]

@@ -1,0 +1,169 @@
+"""Reading expert bytes from the shards: O_DIRECT preads into page-aligned memory, served by a
+small thread pool with a priority queue. Pure mechanism: knows nothing of experts or policy.
+
+O_DIRECT bypasses the page cache, so a read costs what the disk costs (otherwise a second
+run would be served from RAM and every number would lie). It needs the file offset, length
+and buffer address aligned to the block size: reads are widened to 4096-byte boundaries
+(the shards align every tensor to 4096) into an aligned buffer and the caller gets a view.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import mmap
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import HobbitError
+
+BLOCK = 4096
+DEMAND, PREFETCH = 0, 1  # queue priorities: lower runs first
+
+
+def align_down(n: int) -> int:
+    return n & ~(BLOCK - 1)
+
+
+def align_up(n: int) -> int:
+    return (n + BLOCK - 1) & ~(BLOCK - 1)
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """Page-aligned anonymous memory (mmap), as a uint8 array; never swapped to a file."""
+    m = mmap.mmap(-1, max(align_up(nbytes), BLOCK))
+    return np.frombuffer(m, dtype=np.uint8)
+
+
+class ShardFile:
+    """One shard opened for direct reads, falling back to buffered reads (with a warning
+    naming the reason) where the filesystem refuses O_DIRECT, e.g. tmpfs."""
+
+    def __init__(self, path, direct: bool = True):
+        self.path = str(path)
+        self.name = os.path.basename(self.path)
+        self.direct = False
+        self.fallback_reason = "direct I/O disabled"
+        if not os.path.isfile(self.path):
+            raise HobbitError(f"shard {self.path} is missing; re-run `hobbit prepare`")
+        if direct:
+            self.fallback_reason = self._open_direct()
+            if self.fallback_reason:
+                warnings.warn(
+                    f"{self.name}: {self.fallback_reason}; using buffered reads, so the page "
+                    "cache may serve repeated reads faster than the disk would",
+                    stacklevel=2,
+                )
+        if not self.direct:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def _open_direct(self) -> str:
+        """Opens with O_DIRECT and proves a read works; returns why not, or ''."""
+        if not hasattr(os, "O_DIRECT"):
+            return "this OS has no O_DIRECT"
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            return f"O_DIRECT refused ({e.strerror})"
+        try:
+            os.preadv(fd, [memoryview(aligned_buffer(BLOCK))], 0)
+        except OSError as e:
+            os.close(fd)
+            return f"O_DIRECT read refused ({e.strerror})"
+        self.fd, self.direct = fd, True
+        return ""
+
+    def read_into(self, buf: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+        """Reads [offset, offset+nbytes) into buf (aligned, at least the widened size);
+        returns the exact bytes as a view of buf."""
+        start = align_down(offset) if self.direct else offset
+        end = align_up(offset + nbytes) if self.direct else offset + nbytes
+        if offset + nbytes > self.size:
+            raise HobbitError(
+                f"{self.name} is truncated: needs byte {offset + nbytes}, "
+                f"has {self.size}; re-run `hobbit prepare`"
+            )
+        view = memoryview(buf)[: end - start]
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], start + got)
+            if n <= 0:
+                break
+            got += n
+        if got < offset + nbytes - start:
+            raise HobbitError(f"short read from {self.name} at byte {start + got}")
+        return buf[offset - start : offset - start + nbytes]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    fn: Callable = None  # type: ignore[assignment]
+    future: Future = None  # type: ignore[assignment]
+
+
+class IOPool:
+    """A few reader threads draining a priority queue. Demand reads overtake queued
+    prefetches; queued work can be cancelled (Future.cancel) before it starts."""
+
+    def __init__(self, threads: int = 2):
+        self._heap: list[_Job] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._closed = False
+        self.busy_s = 0.0
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"hobbit-io-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, priority: int = DEMAND) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("IOPool is closed")
+            heapq.heappush(self._heap, _Job(priority, next(self._seq), fn, fut))
+            self._cv.notify()
+        return fut
+
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._heap:
+                    return
+                job = heapq.heappop(self._heap)
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            t0 = time.perf_counter()
+            try:
+                job.future.set_result(job.fn())
+            except BaseException as e:  # delivered to the waiting caller
+                job.future.set_exception(e)
+            finally:
+                self.busy_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for job in self._heap:
+                job.future.cancel()
+            self._heap.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
