@@ -37,13 +37,25 @@ def main() -> None:
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Model dir to write.")
-@click.option("--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype.")
-@click.option("--high", help="Type of the high-precision expert shard. Default: the checkpoint's dtype.")
+@click.option("-o", "--out", type=click.Path(path_type=str), help="Model dir to write.")
+@click.option(
+    "--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype."
+)
+@click.option(
+    "--high", help="Type of the high-precision expert shard. Default: the checkpoint's dtype."
+)
 @click.option("--low", help="Type of the low-precision expert shard (optional).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def prepare(src, out, dense, high, low, force, as_json) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Instead of converting, re-verify the model dir SRC against its manifest (sha256 "
+    "of every shard); exit 0 if intact, 1 with what differs.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the manifest (or check result) as JSON."
+)
+def prepare(src, out, dense, high, low, force, check, as_json) -> None:
     """Convert a Hugging Face MoE checkpoint SRC into a model dir of GGUF shards.
 
     SRC is a directory with config.json, model*.safetensors (single or sharded with its
@@ -51,6 +63,19 @@ def prepare(src, out, dense, high, low, force, as_json) -> None:
     metadata and tokenizer), one expert shard per precision and manifest.json. Work happens
     in a temporary dir renamed to OUT at the end, so OUT is never half-written.
     """
+    if check:
+        from .inspect import check as run_check
+
+        problems = run_check(src)
+        if as_json:
+            click.echo(json.dumps({"model_dir": src, "ok": not problems, "problems": problems}))
+        else:
+            click.echo(f"{src}: " + ("intact" if not problems else "DIFFERS from its manifest"))
+            for p in problems:
+                click.echo(f"  {p}")
+        sys.exit(1 if problems else 0)
+    if not out:
+        raise click.UsageError("give the output dir with -o/--out")
     from .quantize.convert import prepare as run_prepare
 
     manifest = run_prepare(
@@ -80,19 +105,38 @@ def prepare(src, out, dense, high, low, force, as_json) -> None:
     type=click.Choice(["high", "low"]),
     help="Which expert shard to run from.",
 )
+@click.option(
+    "--memory",
+    help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of the high-precision "
+    "expert bytes (30%). Given, experts are offloaded and read from disk on demand.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["resident", "lru", "lfu", "ondemand"]),
+    help="Expert cache policy. Default: resident without --memory, lru with it.",
+)
 @click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text", "token_ids", "stats"}.')
-def run(model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, max_context, as_json):
+def run(
+    model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, memory, policy,
+    max_context, as_json,
+):  # fmt: skip
     """Generate text from a prepared MODEL_DIR, streaming it, then a stats line."""
     from .runtime import load
 
-    rt = load(model_dir, precision=precision, max_context=max_context)
+    rt = load(model_dir, precision=precision, memory=memory, policy=policy, max_context=max_context)
     params = dict(
-        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
     )
     if as_json:
         g = rt.generate(prompt, **params)
-        click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "stats": g.stats}))
+        stats = {**g.stats, "load": rt.info}
+        click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "stats": stats}))
         return
     chunks = rt.stream(prompt, **params)
     click.echo(prompt, nl=False)
@@ -102,13 +146,37 @@ def run(model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, pr
         except StopIteration as done:
             g = done.value
             break
-    s = g.stats
+    s, info = g.stats, rt.info
     click.echo(
         f"\n\n[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_tokens_per_s']:.1f} tok/s | "
         f"{s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.2f} tok/s | "
-        f"{rt.info['precision']} experts ({rt.info['expert_type']}), {rt.info['dtype']}]",
+        f"{info['precision']} experts ({info['expert_type']}), {info['dtype']}]\n"
+        f"[experts: {info['policy']}, cache {_gib(info['cache_bytes'])} of "
+        f"{_gib(info['expert_shard_bytes'])}, hit rate {s['hit_rate']:.0%}, "
+        f"read {_gib(s['bytes_read'])}, waited {s['io_wait_s']:.2f} s on I/O | "
+        f"peak RSS {_gib(s['peak_rss_bytes'])}]",
         err=True,
     )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model_dir, as_json) -> None:
+    """Show what a prepared MODEL_DIR holds: shards, types, bytes per expert."""
+    from .inspect import describe
+
+    d = describe(model_dir)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(
+        f"{model_dir}: {d['model_type']}, {d['moe_layers']} MoE layers x {d['num_experts']} experts"
+    )
+    for s in d["shards"]:
+        click.echo(f"  {s['file']:<28} {s['role']:<13} {s['type']:<5} {_gib(s['bytes']):>10}")
+    for p, b in d["expert_bytes"].items():
+        click.echo(f"  one expert, {p}: {_gib(b)}; all {p}: {_gib(d['expert_shard_bytes'][p])}")
 
 
 @main.command()
@@ -121,7 +189,9 @@ def run(model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, pr
     help="Shape: Mixtral proportions scaled down.",
 )
 @click.option("--layers", type=int, help="Override the preset's layer count.")
-@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "f16", "f32"]))
+@click.option(
+    "--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "f16", "f32"])
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def synth(out, preset, layers, dtype, seed, force) -> None:

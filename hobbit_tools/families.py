@@ -25,7 +25,9 @@ class Family:
     norm: Literal["rms", "layer"] = "rms"
     router: Literal["softmax", "sparsemixer"] = "softmax"
     always_norm_topk: bool = False  # renormalise top-k weights regardless of norm_topk_prob
-    qk_norm: Literal[None, "head", "full"] = None  # RMSNorm on q/k: per head, or on the whole projection
+    qk_norm: Literal[None, "head", "full"] = (
+        None  # RMSNorm on q/k: per head, or on the whole projection
+    )
     permute_qk: bool = False  # llama.cpp stores q/k permuted for its `llama` architecture
     expert_ffn_key: str = "intermediate_size"
     has_shared_expert: bool = False
@@ -140,11 +142,15 @@ class ModelConfig:
             expert_ffn = int(cfg[fam.expert_ffn_key])
             vocab = int(cfg["vocab_size"])
         except KeyError as e:
-            raise HobbitError(f"config.json lacks {e.args[0]!r}, which {fam.model_type} needs") from e
+            raise HobbitError(
+                f"config.json lacks {e.args[0]!r}, which {fam.model_type} needs"
+            ) from e
         if num_experts <= 0:
             raise HobbitError("config.json declares no routed experts (num_experts is 0)")
         if fam.router == "sparsemixer" and top_k != 2:
-            raise HobbitError(f"{fam.model_type} routes with sparsemixer, defined for top-2 only; got {top_k}")
+            raise HobbitError(
+                f"{fam.model_type} routes with sparsemixer, defined for top-2 only; got {top_k}"
+            )
         moe_layers = tuple(_is_moe_layer(cfg, fam, i) for i in range(layers))
         max_ctx = int(cfg.get("max_position_embeddings") or 4096)
         # A sliding window longer than the context never slides; cap the context at the

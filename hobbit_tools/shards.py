@@ -84,7 +84,9 @@ class ShardWriter:
 
     def close(self) -> None:
         if self._next != len(self.plan):
-            raise AssertionError(f"{self.path.name}: {len(self.plan) - self._next} tensors unwritten")
+            raise AssertionError(
+                f"{self.path.name}: {len(self.plan) - self._next} tensors unwritten"
+            )
         fout = self.gw.fout[0]
         self.gw.write_padding(fout, fout.tell())
         fout.flush()
@@ -126,7 +128,11 @@ class ShardReader:
         for t in self._r.tensors:
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorInfo(
-                t.name, shape, gguf.GGMLQuantizationType(t.tensor_type).name, int(t.data_offset), int(t.n_bytes)
+                t.name,
+                shape,
+                gguf.GGMLQuantizationType(t.tensor_type).name,
+                int(t.data_offset),
+                int(t.n_bytes),
             )
 
     def meta(self, key: str, default=None):
@@ -150,7 +156,9 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 def read_manifest(model_dir: Path) -> dict:
     path = Path(model_dir) / MANIFEST
     if not Path(model_dir).is_dir():
-        raise HobbitError(f"{model_dir} does not exist; make it with `hobbit prepare SRC -o {model_dir}`")
+        raise HobbitError(
+            f"{model_dir} does not exist; make it with `hobbit prepare SRC -o {model_dir}`"
+        )
     if not path.is_file():
         raise HobbitError(
             f"{model_dir} has no {MANIFEST}: it is not a prepared model dir "

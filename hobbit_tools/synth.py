@@ -66,7 +66,9 @@ def make_random_checkpoint(
     s = shape
     head_dim = s.hidden // s.heads
     gen = torch.Generator().manual_seed(seed)
-    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s.vocab, s.hidden))]
+    tensors: list[tuple[str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", (s.vocab, s.hidden))
+    ]
     for i in range(s.layers):
         p = f"model.layers.{i}."
         tensors += [
@@ -140,7 +142,9 @@ def make_random_checkpoint(
         (tmp / "tokenizer_config.json").write_text(
             json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
         )
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 0, "eos_token_id": 1})
+        )
     return Path(out)
 
 

@@ -60,7 +60,11 @@ def test_dense_model_names_supported_families(ckpt, tmp_path):
 
 
 def test_missing_expert_tensor_is_named(ckpt, tmp_path):
-    src = copy_ckpt(ckpt / "hf", tmp_path / "src", lambda t: t.pop("model.layers.1.mlp.experts.4.up_proj.weight"))
+    src = copy_ckpt(
+        ckpt / "hf",
+        tmp_path / "src",
+        lambda t: t.pop("model.layers.1.mlp.experts.4.up_proj.weight"),
+    )
     r = run("prepare", src, "-o", tmp_path / "out")
     assert r.exit_code == 1 and "layer 1 expert 4 up" in r.output
     assert not (tmp_path / "out").exists()
@@ -68,7 +72,9 @@ def test_missing_expert_tensor_is_named(ckpt, tmp_path):
 
 
 def test_missing_dense_tensor_is_named(ckpt, tmp_path):
-    src = copy_ckpt(ckpt / "hf", tmp_path / "src", lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"))
+    src = copy_ckpt(
+        ckpt / "hf", tmp_path / "src", lambda t: t.pop("model.layers.2.self_attn.k_norm.weight")
+    )
     r = run("prepare", src, "-o", tmp_path / "out")
     assert r.exit_code == 1 and "blk.2.attn_k_norm.weight" in r.output
 
@@ -80,7 +86,9 @@ def test_misshaped_tensor_is_named(ckpt, tmp_path):
     src = copy_ckpt(ckpt / "hf", tmp_path / "src", widen)
     r = run("prepare", src, "-o", tmp_path / "out")
     assert r.exit_code == 1
-    assert "model.layers.0.self_attn.v_proj.weight has shape [30, 72], expected [24, 72]" in r.output
+    assert (
+        "model.layers.0.self_attn.v_proj.weight has shape [30, 72], expected [24, 72]" in r.output
+    )
 
 
 def test_existing_output_needs_force(ckpt, tmp_path):
@@ -121,7 +129,9 @@ def test_run_json(ckpt):
 
 
 def test_run_streams_text_then_stats(ckpt):
-    r = run("run", ckpt / "model", "--prompt", "Hello", "-n", "4", "--temperature", "0.8", "--seed", "3")
+    r = run(
+        "run", ckpt / "model", "--prompt", "Hello", "-n", "4", "--temperature", "0.8", "--seed", "3"
+    )
     assert r.exit_code == 0, r.output
     assert r.output.startswith("Hello")
     assert "decode" in r.output and "tok/s" in r.output

@@ -163,9 +163,13 @@ def test_peak_rss_stays_within_budget(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["expert_shard_bytes"] > 4 * r["cache_bytes"]
     overhead = 256 * 2**20  # documented: activations, the logits, allocator slack
     limit = r["base"] + r["dense_bytes"] + r["kv_bytes"] + r["cache_bytes"] + overhead
-    assert r["peak"] <= limit, {k: r[k] / 2**20 for k in ("base", "dense_bytes", "cache_bytes", "peak")}
+    assert r["peak"] <= limit, {
+        k: r[k] / 2**20 for k in ("base", "dense_bytes", "cache_bytes", "peak")
+    }

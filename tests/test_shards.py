@@ -15,7 +15,9 @@ from hobbit_tools.quantize.layout import permute_qk
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("mixtral")
-    ref = make_checkpoint("mixtral", d / "hf", tokenizer_dir, dtype=torch.bfloat16, max_shard_size="100KB")
+    ref = make_checkpoint(
+        "mixtral", d / "hf", tokenizer_dir, dtype=torch.bfloat16, max_shard_size="100KB"
+    )
     manifest = hobbit_tools.prepare(d / "hf", d / "model")
     return d, ref, manifest
 
@@ -62,7 +64,9 @@ def test_expert_shard_stacks_experts_outermost(mixtral):
     d, ref, manifest = mixtral
     r = gguf.GGUFReader(d / "model" / "experts-high-BF16.gguf")
     tensors = {t.name: t for t in r.tensors}
-    assert set(tensors) == {f"blk.{i}.ffn_{p}_exps.weight" for i in range(3) for p in ("gate", "up", "down")}
+    assert set(tensors) == {
+        f"blk.{i}.ffn_{p}_exps.weight" for i in range(3) for p in ("gate", "up", "down")
+    }
     down = tensors["blk.2.ffn_down_exps.weight"]
     assert list(reversed(down.shape.tolist())) == [6, 72, 40]
     raw = np.array(down.data).view(np.int16).reshape(6, 72, 40)

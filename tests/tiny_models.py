@@ -102,7 +102,9 @@ def train_tokenizer(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     tok.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": True})
+        json.dumps(
+            {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": True}
+        )
     )
 
 

@@ -26,7 +26,9 @@ class Checkpoint:
             raise HobbitError(f"{self.path} is not a directory: give a Hugging Face checkpoint dir")
         cfg = self.path / "config.json"
         if not cfg.is_file():
-            raise HobbitError(f"{self.path} has no config.json: it is not a Hugging Face checkpoint")
+            raise HobbitError(
+                f"{self.path} has no config.json: it is not a Hugging Face checkpoint"
+            )
         self.config: dict = json.loads(cfg.read_text())
         self._file_of = self._index()
         self._headers = {f: _header(self.path / f) for f in sorted(set(self._file_of.values()))}
@@ -37,7 +39,9 @@ class Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
-                raise HobbitError(f"{index.name} lists shards that are missing: {', '.join(missing)}")
+                raise HobbitError(
+                    f"{index.name} lists shards that are missing: {', '.join(missing)}"
+                )
             return dict(weight_map)
         files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
@@ -68,7 +72,9 @@ class Checkpoint:
             counts[d] = counts.get(d, 0) + _numel(self.shape(name))
         best = max(counts, key=counts.get)
         if best not in SAFETENSORS_DTYPES:
-            raise HobbitError(f"weights are stored as {best}; hobbit reads F32, F16 and BF16 checkpoints")
+            raise HobbitError(
+                f"weights are stored as {best}; hobbit reads F32, F16 and BF16 checkpoints"
+            )
         return best
 
     def digest(self) -> str:

@@ -32,7 +32,7 @@ from ..shards import (
 )
 from . import qtypes
 from .checkpoint import Checkpoint
-from .layout import ROLES, dense_plan, expert_tensor_name, gguf_name
+from .layout import ROLES, dense_plan, expert_tensor_name
 from .vocab import add_tokenizer
 
 # Keys of our own in every shard; the source config is kept verbatim so that the runtime
@@ -83,7 +83,9 @@ def prepare(
     _check_experts(ckpt, cfg, experts)
     plan = dense_plan(ckpt, cfg, dense_names, dense)
     expert_plans = {p.name: _expert_plan(cfg, p.qtype) for p in precisions}
-    total = sum(t.plan.nbytes for t in plan) + sum(t.nbytes for ps in expert_plans.values() for t in ps)
+    total = sum(t.plan.nbytes for t in plan) + sum(
+        t.nbytes for ps in expert_plans.values() for t in ps
+    )
 
     out = Path(out)
     with staging_dir(out, force) as tmp:
@@ -114,7 +116,9 @@ def _check_type(qtype: str, flag: str, allowed: tuple[str, ...] | None = None) -
     qtype = qtype.upper()
     allowed = allowed or tuple(qtypes.QTYPES)
     if qtype not in allowed:
-        raise HobbitError(f"{flag} {qtype} is not a supported type (choose from {', '.join(allowed)})")
+        raise HobbitError(
+            f"{flag} {qtype} is not a supported type (choose from {', '.join(allowed)})"
+        )
     return qtype
 
 
@@ -169,7 +173,9 @@ def _expert_plan(cfg: ModelConfig, qtype: str) -> list[TensorPlan]:
             try:
                 nbytes = cfg.num_experts * rows * qtypes.row_nbytes(qtype, cols)
             except ValueError as e:
-                raise HobbitError(f"{role} experts of layer {layer}: {e}; choose another type") from e
+                raise HobbitError(
+                    f"{role} experts of layer {layer}: {e}; choose another type"
+                ) from e
             shape = (cfg.num_experts, rows, cols)
             plans.append(TensorPlan(expert_tensor_name(layer, role), shape, qtype, nbytes))
     return plans

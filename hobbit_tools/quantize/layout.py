@@ -85,7 +85,10 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             b + "attn_output.weight": (d, q),
         }
         if fam.qk_norm == "head":
-            shapes |= {b + "attn_q_norm.weight": (cfg.head_dim,), b + "attn_k_norm.weight": (cfg.head_dim,)}
+            shapes |= {
+                b + "attn_q_norm.weight": (cfg.head_dim,),
+                b + "attn_k_norm.weight": (cfg.head_dim,),
+            }
         elif fam.qk_norm == "full":
             shapes |= {b + "attn_q_norm.weight": (q,), b + "attn_k_norm.weight": (kv,)}
         if fam.norm == "layer":
@@ -102,13 +105,19 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 }
         else:
             f = cfg.dense_ffn
-            shapes |= {b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d), b + "ffn_down.weight": (d, f)}
+            shapes |= {
+                b + "ffn_gate.weight": (f, d),
+                b + "ffn_up.weight": (f, d),
+                b + "ffn_down.weight": (d, f),
+            }
     if fam.norm == "layer":
         shapes["output_norm.bias"] = (d,)
     return shapes
 
 
-def dense_plan(ckpt: Checkpoint, cfg: ModelConfig, names: list[str], qtype: str) -> list[DenseTensor]:
+def dense_plan(
+    ckpt: Checkpoint, cfg: ModelConfig, names: list[str], qtype: str
+) -> list[DenseTensor]:
     required = required_dense_shapes(cfg)
     by_gguf: dict[str, str] = {}
     unknown = []
@@ -124,7 +133,9 @@ def dense_plan(ckpt: Checkpoint, cfg: ModelConfig, names: list[str], qtype: str)
         )
     missing = [g for g in required if g not in by_gguf]
     if missing:
-        hint = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        hint = ", ".join(missing[:5]) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise HobbitError(f"checkpoint lacks tensors: {hint}")
     plans = []
     for g in sorted(by_gguf, key=_order):
@@ -132,7 +143,9 @@ def dense_plan(ckpt: Checkpoint, cfg: ModelConfig, names: list[str], qtype: str)
         shape = ckpt.shape(hf)
         want = required.get(g) or _bias_shape(g, required, shape)
         if tuple(shape) != tuple(want):
-            raise HobbitError(f"{hf} has shape {list(shape)}, expected {list(want)} from config.json")
+            raise HobbitError(
+                f"{hf} has shape {list(shape)}, expected {list(want)} from config.json"
+            )
         # Norms, biases and routers stay F32, as llama.cpp keeps them: routing is sensitive.
         t = qtype if len(shape) == 2 and "ffn_gate_inp" not in g else "F32"
         nbytes = shape[0] * qtypes.row_nbytes(t, shape[1]) if len(shape) == 2 else shape[0] * 4
@@ -166,9 +179,17 @@ def _transform(cfg: ModelConfig, name: str):
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's Q/K layout for its `llama` architecture: rotary pairs interleaved."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of `permute_qk`: back to Hugging Face's half-split rotary layout."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
+    )

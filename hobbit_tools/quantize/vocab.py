@@ -31,7 +31,9 @@ def add_tokenizer(gw: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> Non
     tok = json.loads(raw)
     model = tok.get("model", {})
     if model.get("type") != "BPE":
-        raise HobbitError(f"tokenizer.json has a {model.get('type')} model; hobbit supports BPE tokenizers")
+        raise HobbitError(
+            f"tokenizer.json has a {model.get('type')} model; hobbit supports BPE tokenizers"
+        )
     tcfg = ckpt.read_json("tokenizer_config.json") or {}
     gen = ckpt.read_json("generation_config.json") or {}
 

@@ -50,10 +50,18 @@ def load(
         store = ExpertStore(files, [precision], dt, direct=direct_io)
         top_k = files.config.top_k
         if memory is None and pol.keep:
-            raise HobbitError(f"policy {policy} caches experts: give a memory budget (e.g. memory='30%')")
+            raise HobbitError(
+                f"policy {policy} caches experts: give a memory budget (e.g. memory='30%')"
+            )
         slot = store.p[precision].slot_bytes
-        budget = parse_memory(memory, files.manifest["expert_shard_bytes"]["high"]) if memory else top_k * slot
-        backend = OffloadedExperts(store, precision, budget, pol, min_slots=top_k, io_threads=io_threads)
+        budget = (
+            parse_memory(memory, files.manifest["expert_shard_bytes"]["high"])
+            if memory
+            else top_k * slot
+        )
+        backend = OffloadedExperts(
+            store, precision, budget, pol, min_slots=top_k, io_threads=io_threads
+        )
         cache_bytes = backend.arena.nbytes
     model = build_model(files, backend, dt, max_context)
     info = {
@@ -70,4 +78,3 @@ def load(
         "expert_shard_bytes": files.manifest["expert_shard_bytes"][precision],
     }
     return Runtime(model, tokenizer(files), info)
-

@@ -11,10 +11,9 @@ import torch
 from ..errors import HobbitError
 from ..families import ModelConfig
 from ..quantize.convert import KEY_SOURCE_CONFIG
-from ..quantize.layout import ROLES, expert_tensor_name, unpermute_qk
+from ..quantize.layout import ROLES, unpermute_qk
 from ..shards import ShardReader, read_manifest
-from .experts import Expert, ResidentExperts
-from .kernels import QLinear
+from .experts import ResidentExperts
 from .model import LayerWeights, ModelWeights, Transformer
 from .tokenizer import Tokenizer
 
@@ -118,24 +117,19 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
 
 
 def load_resident_experts(files: ModelFiles, precision: str, dtype: torch.dtype) -> ResidentExperts:
-    shard = files.experts(precision)
-    cfg = files.config
-    experts: dict[int, list[Expert]] = {}
-    for layer, is_moe in enumerate(cfg.moe_layers):
-        if not is_moe:
-            continue
-        per_role = {}
-        for role in ROLES:
-            info = shard.tensors[expert_tensor_name(layer, role)]
-            raw = shard.array(info.name).reshape(info.shape[0], info.shape[1], -1)
-            per_role[role] = [
-                QLinear.from_raw(torch.from_numpy(raw[e].copy()), info.qtype, info.shape[1:], dtype)
-                for e in range(cfg.num_experts)
-            ]
-        experts[layer] = [
-            Expert(*(per_role[r][e] for r in ROLES), nbytes=sum(per_role[r][e].nbytes for r in ROLES))
-            for e in range(cfg.num_experts)
-        ]
+    """Every expert read once (direct I/O, checksum verified) and kept: the `resident` baseline."""
+    from .io import aligned_buffer
+    from .store import ExpertStore
+
+    store = ExpertStore(files, [precision], dtype)
+    p = store.p[precision]
+    buf = aligned_buffer(p.slot_bytes)  # reused: from_raw keeps no reference to it
+    experts = {
+        layer: [store.read(layer, e, precision, buf) for e in range(files.config.num_experts)]
+        for layer, is_moe in enumerate(files.config.moe_layers)
+        if is_moe
+    }
+    store.close()
     return ResidentExperts(experts)
 
 

@@ -80,7 +80,9 @@ def make_policy(name: str) -> Policy:
     return POLICIES[name]()
 
 
-def replay(trace: Iterable[tuple[int, list[int]]], policy: Policy, slots: int, precision: str = "high") -> dict:
+def replay(
+    trace: Iterable[tuple[int, list[int]]], policy: Policy, slots: int, precision: str = "high"
+) -> dict:
     """Runs a routing trace [(layer, [experts...]), ...] (one entry per MoE layer call)
     through `policy` with `slots` cache slots, as the cache would: experts of the current
     call are pinned, so never evicted for one another. Returns hits and misses."""

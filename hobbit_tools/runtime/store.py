@@ -41,7 +41,9 @@ class Precision:
 
 
 class ExpertStore:
-    def __init__(self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True):
+    def __init__(
+        self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True
+    ):
         self.files = files
         self.dtype = dtype
         self.verify = True

@@ -1,0 +1,132 @@
+"""Paired shards, determinism, --check, inspect, and corrupt input that fails loudly."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from tiny_models import make_checkpoint
+
+import hobbit_tools
+from hobbit_tools.cli import main
+from hobbit_tools.errors import HobbitError
+
+# K-quants need rows that are multiples of 256 elements.
+SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
+             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("paired")
+    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
+    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
+    return d
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_paired_shards_and_inspect(paired):
+    r = run("inspect", paired / "model", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert [(s["role"], s["type"]) for s in d["shards"]] == [
+        ("dense", "F32"), ("experts-high", "Q8_0"), ("experts-low", "Q4_K")
+    ]  # fmt: skip
+    per_matrix = 256 * 256
+    assert d["expert_bytes"] == {
+        "high": 3 * per_matrix * 34 // 32,
+        "low": 3 * per_matrix * 144 // 256,
+    }
+    assert d["num_experts"] == 4 and d["dense_bytes"] > 0
+    assert (paired / "model" / "experts-low-Q4_K.gguf").exists()
+
+
+def test_each_precision_generates(paired):
+    for precision in ("high", "low"):
+        rt = hobbit_tools.load(paired / "model", precision=precision)
+        assert len(rt.generate("Hello", max_new_tokens=6, stop_at_eos=False).token_ids) == 6
+
+
+def test_reruns_are_byte_identical(paired, tmp_path):
+    again = hobbit_tools.prepare(paired / "hf", tmp_path / "again", high="Q8_0", low="Q4_K")
+    first = json.loads((paired / "model" / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+def test_check_passes_then_names_what_differs(paired, tmp_path):
+    assert run("prepare", paired / "model", "--check").exit_code == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(paired / "model", bad, symlinks=True)
+    shard = bad / "experts-low-Q4_K.gguf"
+    data = bytearray(shard.read_bytes())
+    data[-5000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run("prepare", bad, "--check", "--json")
+    assert r.exit_code == 1
+    out = json.loads(r.output)
+    assert not out["ok"] and out["problems"][0].startswith("experts-low-Q4_K.gguf: sha256")
+
+
+def copy_with(paired, tmp_path, mutate):
+    bad = tmp_path / "bad"
+    shutil.copytree(paired / "model", bad, symlinks=True)
+    mutate(bad)
+    return bad
+
+
+def flip_expert_byte(bad):
+    """Flip a byte inside layer 1, expert 2's up matrix of the high shard."""
+    from hobbit_tools.shards import ShardReader
+
+    shard = bad / "experts-high-Q8_0.gguf"
+    info = ShardReader(shard).tensors["blk.1.ffn_up_exps.weight"]
+    offset = info.offset + 2 * (info.nbytes // 4) + 100
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x55]))
+
+
+@pytest.mark.parametrize("memory", [None, "60%"])
+def test_flipped_byte_names_shard_layer_and_expert(paired, tmp_path, memory):
+    bad = copy_with(paired, tmp_path, flip_expert_byte)
+    with pytest.raises(
+        HobbitError, match=r"experts-high-Q8_0.gguf: layer 1 expert 2 fails its checksum"
+    ):
+        rt = hobbit_tools.load(bad, memory=memory)
+        for _ in range(4):
+            rt.generate(
+                "The king is dead. Long live the king!", max_new_tokens=16, stop_at_eos=False
+            )
+
+
+def test_truncated_shard(paired, tmp_path):
+    def truncate(bad):
+        shard = bad / "experts-high-Q8_0.gguf"
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 8192)
+
+    bad = copy_with(paired, tmp_path, truncate)
+    with pytest.raises(HobbitError, match=r"experts-high-Q8_0.gguf.*(truncated|corrupt)"):
+        hobbit_tools.load(bad)
+
+
+def test_deleted_shard(paired, tmp_path):
+    bad = copy_with(paired, tmp_path, lambda b: (b / "experts-low-Q4_K.gguf").unlink())
+    with pytest.raises(HobbitError, match="experts-low-Q4_K.gguf is missing"):
+        hobbit_tools.load(bad, precision="low")
+
+
+def test_manifest_of_another_format_version(paired, tmp_path):
+    def bump(bad):
+        m = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+
+    bad = copy_with(paired, tmp_path, bump)
+    with pytest.raises(HobbitError, match="format version 99"):
+        hobbit_tools.load(bad)
+    assert run("prepare", bad, "--check").exit_code == 1
