@@ -90,8 +90,8 @@ def prepare(src, out, dense, high, low, force, check, as_json) -> None:
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.argument("model_dir", required=False, type=click.Path(path_type=str))
+@click.option("-p", "--prompt", help="Text to continue (required with MODEL_DIR).")
 @click.option("-n", "--max-tokens", default=128, show_default=True, help="New tokens at most.")
 @click.option("-t", "--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, help="Sample from the k best (0 = off).")
@@ -121,8 +121,23 @@ def run(
     model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, memory, policy,
     max_context, as_json,
 ):  # fmt: skip
-    """Generate text from a prepared MODEL_DIR, streaming it, then a stats line."""
+    """Generate text from a prepared MODEL_DIR, streaming it, then a stats line.
+
+    Without MODEL_DIR, runs the bundled demo model (prepared on first use into
+    ~/.cache/hobbit) with its experts offloaded under a budget of half their bytes.
+    """
     from .runtime import load
+
+    if model_dir is None:
+        from . import demo
+
+        model_dir = str(demo.prepared_demo(progress=_tty()))
+        prompt = prompt or demo.PROMPT
+        memory = memory or demo.MEMORY
+        if not as_json:
+            click.echo(f"[demo model: {model_dir}, expert budget {memory}]", err=True)
+    elif prompt is None:
+        raise click.UsageError("give a prompt with -p/--prompt")
 
     rt = load(model_dir, precision=precision, memory=memory, policy=policy, max_context=max_context)
     params = dict(
@@ -157,6 +172,32 @@ def run(
         f"peak RSS {_gib(s['peak_rss_bytes'])}]",
         err=True,
     )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--memory", default="25%,50%", show_default=True, help="Budgets, comma-separated.")
+@click.option(
+    "--policies", default="resident,lru,lfu,ondemand", show_default=True, help="Comma-separated."
+)
+@click.option("-n", "--max-tokens", default=32, show_default=True, help="New tokens per prompt.")
+@click.option("--precision", default="high", show_default=True, type=click.Choice(["high", "low"]))
+@click.option("--json", "as_json", is_flag=True, help='Print {"runs": [...]}.')
+def bench(model_dir, memory, policies, max_tokens, precision, as_json) -> None:
+    """Run policies side by side on the same prompts, one after another in one process:
+    decode tokens/s, bytes read per token, hit rate, and each run's ratio to lru."""
+    from .bench import bench as run_bench
+    from .bench import format_table
+
+    result = run_bench(
+        model_dir,
+        [m.strip() for m in memory.split(",")],
+        [p.strip() for p in policies.split(",")],
+        max_new_tokens=max_tokens,
+        precision=precision,
+        progress=None if as_json else lambda what: click.echo(f"  running {what}", err=True),
+    )
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 @main.command()
