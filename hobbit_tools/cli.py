@@ -112,14 +112,28 @@ def prepare(src, out, dense, high, low, force, check, as_json) -> None:
 )
 @click.option(
     "--policy",
-    type=click.Choice(["resident", "lru", "lfu", "ondemand"]),
-    help="Expert cache policy. Default: resident without --memory, lru with it.",
+    type=click.Choice(["resident", "ondemand", "lru", "lfu", "lru+prefetch", "hobbit"]),
+    help="Offloading strategy. Default: resident without --memory, lru with it. hobbit = "
+    "dynamic precision + adaptive prefetch + multidimensional cache.",
 )
+@click.option(
+    "--dynamic-precision/--no-dynamic-precision",
+    default=None,
+    help="Load unimportant cache misses in low precision, or skip them (default: per policy).",
+)
+@click.option("--prefetch-depth", type=int, help="Layers to prefetch ahead; 0 = off (default: per policy).")
+@click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0.")
+@click.option(
+    "--cache-policy",
+    type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
+    help="Eviction policy (default: per policy).",
+)
+@click.option("--trace", "trace_file", type=click.Path(path_type=str), help="Write a routing trace (JSON lines).")
 @click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text", "token_ids", "stats"}.')
 def run(
     model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, memory, policy,
-    max_context, as_json,
+    dynamic_precision, prefetch_depth, no_prefetch, cache_policy, trace_file, max_context, as_json,
 ):  # fmt: skip
     """Generate text from a prepared MODEL_DIR, streaming it, then a stats line.
 
@@ -139,7 +153,18 @@ def run(
     elif prompt is None:
         raise click.UsageError("give a prompt with -p/--prompt")
 
-    rt = load(model_dir, precision=precision, memory=memory, policy=policy, max_context=max_context)
+    rt = load(
+        model_dir,
+        precision=precision,
+        memory=memory,
+        policy=policy,
+        dynamic_precision=dynamic_precision,
+        prefetch_depth=0 if no_prefetch else prefetch_depth,
+        cache_policy=cache_policy,
+        max_context=max_context,
+    )
+    if trace_file:
+        rt.start_trace()
     params = dict(
         max_new_tokens=max_tokens,
         temperature=temperature,
@@ -152,6 +177,8 @@ def run(
         g = rt.generate(prompt, **params)
         stats = {**g.stats, "load": rt.info}
         click.echo(json.dumps({"text": g.text, "token_ids": g.token_ids, "stats": stats}))
+        if trace_file:
+            rt.write_trace(trace_file)
         return
     chunks = rt.stream(prompt, **params)
     click.echo(prompt, nl=False)
@@ -161,13 +188,17 @@ def run(
         except StopIteration as done:
             g = done.value
             break
+    if trace_file:
+        rt.write_trace(trace_file)
     s, info = g.stats, rt.info
+    share = s.get("share")
+    mix = f", high/low/skip {share['high']:.0%}/{share['low']:.0%}/{share['skip']:.0%}" if share else ""
     click.echo(
         f"\n\n[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_tokens_per_s']:.1f} tok/s | "
         f"{s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.2f} tok/s | "
         f"{info['precision']} experts ({info['expert_type']}), {info['dtype']}]\n"
         f"[experts: {info['policy']}, cache {_gib(info['cache_bytes'])} of "
-        f"{_gib(info['expert_shard_bytes'])}, hit rate {s['hit_rate']:.0%}, "
+        f"{_gib(info['expert_shard_bytes'])}, hit rate {s['hit_rate']:.0%}{mix}, "
         f"read {_gib(s['bytes_read'])}, waited {s['io_wait_s']:.2f} s on I/O | "
         f"peak RSS {_gib(s['peak_rss_bytes'])}]",
         err=True,
@@ -198,6 +229,44 @@ def bench(model_dir, memory, policies, max_tokens, precision, as_json) -> None:
         progress=None if as_json else lambda what: click.echo(f"  running {what}", err=True),
     )
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@main.command()
+@click.argument("trace_file", type=click.Path(path_type=str))
+@click.option("--memory", default="30%", show_default=True, help="Budget(s), comma-separated.")
+@click.option(
+    "--cache-policy", default="lru,lfu,hobbit,lcu", show_default=True, help="Comma-separated."
+)
+@click.option("--dynamic-precision", is_flag=True, help="Re-derive high/low/skip with --t1/--t2.")
+@click.option("--t1", default=0.6, show_default=True, help="Unimportance threshold for low precision.")
+@click.option("--t2", default=0.9, show_default=True, help="Unimportance threshold for skipping.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def replay(trace_file, memory, cache_policy, dynamic_precision, t1, t2, as_json) -> None:
+    """Replay a routing trace (from `hobbit run --trace`) through cache policies and budgets
+    without running the model: hits, bytes read, miss penalty, prefetch recall."""
+    from .runtime.precision import PrecisionRule
+    from .runtime.replay import read_trace
+    from .runtime.replay import replay as run_replay
+
+    header, records = read_trace(trace_file)
+    rule = PrecisionRule(t1, t2) if dynamic_precision else None
+    results = []
+    for m in memory.split(","):
+        for p in cache_policy.split(","):
+            r = run_replay(header, records, memory=m.strip(), cache_policy=p.strip(), rule=rule)
+            results.append({"memory": m.strip(), **r})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    click.echo(f"{'memory':>7} {'policy':<7} {'hit rate':>8} {'MiB read':>9} {'miss penalty':>12} {'high/low/skip':>14}")
+    for r in results:
+        sh = r["share"]
+        click.echo(
+            f"{r['memory']:>7} {r['cache_policy']:<7} {r['hit_rate']:>8.1%} {r['bytes_read'] / 2**20:>9.1f} "
+            f"{r['miss_penalty']:>12.1f} {sh['high']:>5.0%}/{sh['low']:.0%}/{sh['skip']:.0%}"
+        )
+    if results and results[0]["prefetch_recall"]:
+        click.echo("prefetch recall by depth: " + ", ".join(f"{d}: {v:.0%}" for d, v in results[0]["prefetch_recall"].items()))
 
 
 @main.command()

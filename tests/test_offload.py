@@ -14,7 +14,8 @@ from tiny_models import make_checkpoint
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
 from hobbit_tools.runtime.budget import parse_memory
-from hobbit_tools.runtime.policies import LFU, LRU, OnDemand, replay
+from hobbit_tools.runtime.policies import LFU, LRU, OnDemand
+from hobbit_tools.runtime.replay import replay_ids as replay
 
 PROMPT = "Is this a dagger which I see before me, the handle toward my hand?"
 
@@ -116,7 +117,7 @@ def test_read_error_mid_run_ends_cleanly(model):
         rt.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
     store.read = real  # the runtime is still usable afterwards
     assert len(rt.generate(PROMPT, max_new_tokens=4, stop_at_eos=False).token_ids) == 4
-    assert all(e.pins == 0 for e in rt.model.experts.entries.values())
+    assert all(e.pins == 0 for e in rt.model.experts.cache.entries.values())
 
 
 # A trace where recency and frequency disagree: expert 0 is used often early, then a scan

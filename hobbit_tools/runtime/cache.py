@@ -1,23 +1,18 @@
-"""The offloading expert backend: a byte-budgeted cache of experts over the shards.
+"""The expert cache mechanism: entries in arena slots, loads on the I/O pool, pins, eviction.
 
-Per MoE layer call: route (done by the model) -> look up each selected expert -> compute the
-cached ones at once while the missing ones load on the I/O threads -> compute each missing
-one as soon as it arrives -> combine. With many tokens (prefill) each needed expert is loaded
-once for all of them. Slots come from one preallocated arena; an expert in use is pinned and
-never evicted under the kernel. Which expert to evict is the policy's call, nothing else is.
+One arena per precision (separate high and low caches sharing one byte budget). An entry is
+pinned while a kernel uses it and protected while it waits, prefetched, for the layer it was
+predicted for; neither is ever evicted. Which unpinned entry to evict is the policy's call.
+No decisions about what to load live here: see `offload.py`.
 """
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 
-import torch
-
-from ..errors import HobbitError
-from .experts import Combiner, Expert, dispatch
+from .experts import Expert
 from .io import DEMAND, IOPool
 from .policies import Key, Policy
 from .store import ExpertStore, SlotArena
@@ -30,161 +25,117 @@ class Entry:
     future: Future | None = None
     expert: Expert | None = None
     pins: int = 0
+    protected_for: int | None = None  # prefetched for this layer, not yet used
+
+    @property
+    def ready(self) -> bool:
+        return self.expert is not None
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    bytes_read: int = 0
-    io_wait_s: float = 0.0
-    compute_s: float = 0.0
-    evictions: int = 0
-    loads: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / max(self.hits + self.misses, 1),
-            "bytes_read": self.bytes_read,
-            "io_wait_s": self.io_wait_s,
-            "compute_s": self.compute_s,
-            "evictions": self.evictions,
-            "loads": dict(self.loads),
-        }
-
-
-class OffloadedExperts:
-    """ExpertBackend over an ExpertStore, one precision, `budget` bytes of expert memory."""
-
-    def __init__(
-        self,
-        store: ExpertStore,
-        precision: str,
-        budget: int,
-        policy: Policy,
-        min_slots: int,
-        io_threads: int = 2,
-    ):
+class ExpertCache:
+    def __init__(self, store: ExpertStore, budgets: dict[str, int], policy: Policy, pool: IOPool):
         self.store = store
-        self.precision = precision
         self.policy = policy
-        slot_bytes = store.p[precision].slot_bytes
-        n = budget // slot_bytes
-        if n < min_slots:
-            raise HobbitError(
-                f"a memory budget of {budget:,} bytes holds {n} experts; this model needs at "
-                f"least {min_slots} (one layer's top-k) = {min_slots * slot_bytes:,} bytes"
-            )
-        self.arena = SlotArena(slot_bytes, n)
+        self.pool = pool
+        self.arenas = {
+            p: SlotArena(store.p[p].slot_bytes, budget // store.p[p].slot_bytes)
+            for p, budget in budgets.items()
+        }
         self.entries: dict[Key, Entry] = {}
-        self.pool = IOPool(io_threads)
-        self.clock = 0
-        self.s = CacheStats()
+        self.evictions = 0
+        self.stolen = 0  # prefetched entries given up to a demand load
 
-    # -- ExpertBackend -------------------------------------------------------------------
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        self.clock += 1
-        out = Combiner(x, weights)
-        ready, waiting, missing = [], {}, []
-        for e, rows, slots in dispatch(ids):
-            key = (layer, e, self.precision)
-            self.policy.touch(key, self.clock)
-            entry = self.entries.get(key)
-            if entry is None:
-                self.s.misses += 1
-                missing.append((key, rows, slots))
-                continue
-            self.s.hits += 1
-            entry.pins += 1
-            if entry.expert is not None:
-                ready.append((entry, rows, slots))
-            else:  # still loading (a prefetch): wait for it like a miss
-                waiting[entry.future] = (entry, rows, slots)
-        try:
-            self._start(missing, waiting, layer)
-            for entry, rows, slots in ready:
-                self._compute(out, x, entry, rows, slots)
-            while waiting or missing:
-                if not waiting:
-                    raise HobbitError("expert cache has no free slot; raise the memory budget")
-                t0 = time.perf_counter()
-                done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
-                self.s.io_wait_s += time.perf_counter() - t0
-                for fut in done:
-                    entry, rows, slots = waiting.pop(fut)
-                    entry.expert = fut.result()
-                    self._compute(out, x, entry, rows, slots)
-                self._start(missing, waiting, layer)
-        except BaseException:
-            self._abort(waiting)
-            raise
-        return out.result()
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arenas.values())
 
-    def new_sequence(self) -> None:
-        self.policy.new_sequence()
+    def get(self, key: Key) -> Entry | None:
+        return self.entries.get(key)
 
-    def stats(self) -> dict:
-        return {**self.s.as_dict(), "cache_bytes": self.arena.nbytes, "cache_slots": self.arena.n}
+    def load(self, key: Key, priority: int, layer_now: int) -> Entry | None:
+        """Queue a read of `key` into a free or freed slot; None if every slot is in use.
+        A demand load may take the slot of a prefetch not yet used; a prefetch may not."""
+        slot = self._free_slot(key[2], layer_now)
+        if slot is None and priority == DEMAND:
+            slot = self._steal_prefetch(key[2])
+        if slot is None:
+            return None
+        entry = Entry(key, slot)
+        read = partial(self.store.read, key[0], key[1], key[2], self.arenas[key[2]].view(slot))
+        entry.future = self.pool.submit(read, priority)
+        self.entries[key] = entry
+        return entry
 
-    def close(self) -> None:
-        self.pool.close()
-        self.store.close()
+    def finish(self, entry: Entry) -> None:
+        """The load completed: take the expert (raises the read's error, if any)."""
+        if entry.expert is None:
+            entry.expert = entry.future.result()
 
-    # -- mechanism ---------------------------------------------------------------------------
-    def _compute(self, out: Combiner, x, entry: Entry, rows, slots) -> None:
-        t0 = time.perf_counter()
-        out.add(entry.expert, x, rows, slots)
-        self.s.compute_s += time.perf_counter() - t0
+    def unpin(self, entry: Entry) -> None:
         entry.pins -= 1
-        if not self.policy.keep and entry.pins == 0:
-            self._drop(entry)
+        if not self.policy.keep and entry.pins == 0 and entry.protected_for is None:
+            self.drop(entry)
 
-    def _start(self, missing: list, waiting: dict, layer: int) -> None:
-        """Queue demand loads for as many missing experts as there are slots to put them in."""
-        while missing:
-            slot = self._free_slot(layer)
-            if slot is None:
-                return
-            key, rows, slots = missing.pop(0)
-            entry = Entry(key, slot, pins=1)
-            read = partial(self.store.read, key[0], key[1], key[2], self.arena.view(slot))
-            entry.future = self.pool.submit(read, DEMAND)
-            self.entries[key] = entry
-            waiting[entry.future] = (entry, rows, slots)
-            self.s.bytes_read += self.store.p[key[2]].expert_bytes
-            self.s.loads[key[2]] = self.s.loads.get(key[2], 0) + 1
+    def cancel(self, entry: Entry) -> bool:
+        """Drop an unused prefetch: cancelled if still queued, else just unprotected."""
+        entry.protected_for = None
+        if entry.pins == 0 and entry.future is not None and entry.future.cancel():
+            self.drop(entry)
+            return True
+        if not self.policy.keep and entry.pins == 0 and entry.ready:
+            self.drop(entry)
+        return False
 
-    def _free_slot(self, layer: int) -> int | None:
-        slot = self.arena.acquire()
+    def drop(self, entry: Entry) -> None:
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+            entry.expert = None
+            self.arenas[entry.key[2]].release(entry.slot)
+
+    def free_slots(self, precision: str) -> int:
+        """Slots a load of this precision could take now without touching pinned, protected
+        or loading entries."""
+        free = len(self.arenas[precision].free)
+        return free + sum(1 for e in self.entries.values() if self._evictable(e, precision))
+
+    def _evictable(self, e: Entry, precision: str) -> bool:
+        return e.key[2] == precision and e.pins == 0 and e.ready and e.protected_for is None
+
+    def _free_slot(self, precision: str, layer_now: int) -> int | None:
+        slot = self.arenas[precision].acquire()
         if slot is not None:
             return slot
-        candidates = [k for k, en in self.entries.items() if en.pins == 0 and en.expert is not None]
+        candidates = [k for k, e in self.entries.items() if self._evictable(e, precision)]
         if not candidates:
             return None
-        victim = self.entries[self.policy.victim(candidates, layer)]
-        self.s.evictions += 1
-        self._drop(victim, release=False)
+        victim = self.entries.pop(self.policy.victim(candidates, layer_now))
+        victim.expert = None
+        self.evictions += 1
         return victim.slot
 
-    def _drop(self, entry: Entry, release: bool = True) -> None:
-        del self.entries[entry.key]
-        entry.expert = None
-        if release:
-            self.arena.release(entry.slot)
+    def _steal_prefetch(self, precision: str) -> int | None:
+        """Last resort for a demand load: a protected prefetch, queued (cancel) or unused."""
+        for entry in list(self.entries.values()):
+            if entry.key[2] != precision or entry.protected_for is None or entry.pins:
+                continue
+            if entry.ready or entry.future.cancel():
+                del self.entries[entry.key]
+                entry.expert = None
+                self.stolen += 1
+                return entry.slot
+        return None
 
-    def _abort(self, waiting: dict) -> None:
-        """A load failed: cancel or finish the rest so no thread writes into a freed slot."""
-        for fut, (entry, _, _) in waiting.items():
-            if not fut.cancel():
+    def abort(self, entries: list[Entry]) -> None:
+        """A load failed: cancel or finish the others so no thread writes into a freed slot;
+        forget everything not ready and every pin."""
+        for entry in entries:
+            if entry.future is not None and not entry.future.cancel():
                 try:
-                    fut.result()
+                    entry.future.result()
                 except BaseException:
                     pass
-            if entry.key in self.entries:
-                self._drop(entry)
-        for entry in [e for e in self.entries.values() if e.expert is None]:
-            self._drop(entry)
-        for entry in self.entries.values():
+        for entry in list(self.entries.values()):
+            if not entry.ready:
+                self.drop(entry)
             entry.pins = 0
+            entry.protected_for = None

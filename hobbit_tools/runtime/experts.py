@@ -93,7 +93,14 @@ class ResidentExperts:
 
     def stats(self) -> dict:
         # Everything was read at load time; during generation every use is a hit.
-        return {"hits": self._uses, "misses": 0, "hit_rate": 1.0, "bytes_read": 0, "io_wait_s": 0.0}
+        return {
+            "hits": self._uses,
+            "misses": 0,
+            "hit_rate": 1.0,
+            "bytes_read": 0,
+            "io_wait_s": 0.0,
+            "cache_bytes": self.nbytes,
+        }
 
     @property
     def nbytes(self) -> int:

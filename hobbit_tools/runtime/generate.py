@@ -72,6 +72,18 @@ class Runtime:
     def config(self):
         return self.model.cfg
 
+    def start_trace(self) -> None:
+        """Record routing and cache actions of the following generations (offloaded only)."""
+        if not hasattr(self.model.experts, "start_trace"):
+            raise HobbitError("a trace records what the expert cache did: give --memory or an offloading policy")
+        self.model.experts.start_trace()
+
+    def write_trace(self, path) -> None:
+        from .replay import write_trace
+
+        experts = self.model.experts
+        write_trace(path, experts.trace_header(), experts.trace or [])
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
@@ -173,15 +185,22 @@ def _delta(end: dict, base: dict) -> dict:
     """Counters of this generation only; gauges (rates, sizes) as they are now."""
     out = {}
     for k, v in end.items():
-        if isinstance(v, dict):
-            out[k] = {kk: vv - base.get(k, {}).get(kk, 0) for kk, vv in v.items()}
-        elif k in ("hit_rate", "cache_bytes", "cache_slots"):
+        if k in _GAUGES:
             out[k] = v
+        elif isinstance(v, dict):
+            out[k] = {kk: vv - base.get(k, {}).get(kk, 0) for kk, vv in v.items()}
         else:
             out[k] = v - base.get(k, 0)
     hits, misses = out.get("hits", 0), out.get("misses", 0)
     out["hit_rate"] = hits / (hits + misses) if hits + misses else 1.0
+    if "served" in out:
+        total = sum(out["served"].values()) or 1
+        out["share"] = {k: v / total for k, v in out["served"].items()}
     return out
+
+
+# Ratios and sizes, reported as they stand (prefetch recall: since the model was loaded).
+_GAUGES = ("hit_rate", "cache_bytes", "share", "prefetch_recall")
 
 
 class StopMatcher:

@@ -9,6 +9,7 @@ and buffer address aligned to the block size: reads are widened to 4096-byte bou
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import mmap
@@ -16,6 +17,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -130,6 +132,7 @@ class IOPool:
         ]
         for t in self._threads:
             t.start()
+        _POOLS.add(self)
 
     def submit(self, fn: Callable, priority: int = DEMAND) -> Future:
         fut: Future = Future()
@@ -167,3 +170,8 @@ class IOPool:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=5)
+
+
+# Reader threads may be inside a torch op when the interpreter exits; stop them first.
+_POOLS: weakref.WeakSet[IOPool] = weakref.WeakSet()
+atexit.register(lambda: [pool.close() for pool in list(_POOLS)])

@@ -165,7 +165,10 @@ class Transformer:
 
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's router on its input x [T, D] -> ids [T, K], weights [T, K] float32."""
-        logits = F.linear(x, self.w.layers[i].router)
+        return self.select(F.linear(x, self.w.layers[i].router))
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's routing function on gate logits [T, E]."""
         if self.cfg.spec.router == "sparsemixer":
             return sparsemixer(logits, self.cfg.router_jitter_eps)
         return softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)

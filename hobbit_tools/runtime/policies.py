@@ -1,8 +1,8 @@
 """Eviction policies: plain Python over expert keys, drivable by a recorded routing trace.
 
 A key is (layer, expert, precision). The cache tells a policy which keys were used at which
-clock tick (one tick per MoE layer call) and asks it for a victim among the evictable keys.
-Policies never see memory, files or tensors.
+clock tick (one tick per MoE layer call) and token, and asks it for a victim among the
+evictable keys. Policies never see memory, files or tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Policy:
     def new_sequence(self) -> None:
         """Counts that are per sequence reset here; recency survives."""
 
-    def touch(self, key: Key, clock: int) -> None:
+    def touch(self, key: Key, clock: int, token: int = 0) -> None:
         raise NotImplementedError
 
     def victim(self, candidates: Iterable[Key], layer: int) -> Key:
@@ -34,7 +34,7 @@ class LRU(Policy):
     def __init__(self):
         self.last: dict[Key, int] = {}
 
-    def touch(self, key, clock):
+    def touch(self, key, clock, token=0):
         self.last[key] = clock
 
     def victim(self, candidates, layer):
@@ -53,8 +53,8 @@ class LFU(LRU):
     def new_sequence(self):
         self.count.clear()
 
-    def touch(self, key, clock):
-        super().touch(key, clock)
+    def touch(self, key, clock, token=0):
+        super().touch(key, clock, token)
         self.count[key] = self.count.get(key, 0) + 1
 
     def victim(self, candidates, layer):
@@ -68,41 +68,89 @@ class OnDemand(LRU):
     keep = False
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, OnDemand)}
-CACHE_POLICIES = ("resident", *POLICIES)
+class _SequenceCounts(Policy):
+    """Per (layer, expert): last token used, uses and high-precision uses in this sequence."""
+
+    def __init__(self, num_layers: int, low_over_high: float):
+        self.n = max(num_layers, 1)
+        self.ratio = low_over_high  # B_low / B_high: a low miss costs this share of a high one
+        self.last: dict[tuple[int, int], int] = {}
+        self.uses: dict[tuple[int, int], int] = {}
+        self.high: dict[tuple[int, int], int] = {}
+        self.low: dict[tuple[int, int], int] = {}
+        self.token = 1
+
+    def new_sequence(self):
+        self.uses.clear()
+        self.high.clear()
+        self.low.clear()
+
+    def touch(self, key, clock, token=0):
+        e = key[:2]
+        self.token = max(self.token, token, 1)
+        self.last[e] = token
+        self.uses[e] = self.uses.get(e, 0) + 1
+        counts = self.high if key[2] == "high" else self.low
+        counts[e] = counts.get(e, 0) + 1
+
+    def distance(self, key: Key, layer: int) -> int:
+        """Layers until key's layer comes round again."""
+        return (key[0] - layer + self.n) % self.n
+
+    def victim(self, candidates, layer):
+        return min(candidates, key=lambda k: self.priority(k, layer))
+
+    def priority(self, key: Key, layer: int) -> float:
+        raise NotImplementedError
 
 
-def make_policy(name: str) -> Policy:
+class Hobbit(_SequenceCounts):
+    """HOBBIT's multidimensional priority: recency, frequency, high-precision uses and layer
+    distance, weighted (weights sum to 1; `hobbit profile` fits them by trace replay)."""
+
+    name = "hobbit"
+    DEFAULT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # lru, lfu, lhu, fld
+
+    def __init__(self, num_layers, low_over_high, weights=DEFAULT_WEIGHTS):
+        super().__init__(num_layers, low_over_high)
+        self.w = weights
+
+    def priority(self, key, layer):
+        e, t = key[:2], float(self.token)
+        w_lru, w_lfu, w_lhu, w_fld = self.w
+        return (
+            w_lru * self.last.get(e, 0) / t
+            + w_lfu * self.uses.get(e, 0) / t
+            + w_lhu * self.high.get(e, 0) / t
+            + w_fld * (1 - self.distance(key, layer) / self.n)
+        )
+
+
+class LCU(_SequenceCounts):
+    """MoE-APEX's least-cost-utility: precision-weighted uses per token, plus a bonus for
+    experts used in the last forward pass whose layer comes soon."""
+
+    name = "lcu"
+
+    def priority(self, key, layer):
+        e = key[:2]
+        cost = self.high.get(e, 0) + self.ratio * self.low.get(e, 0)
+        p = cost / float(self.token)
+        if self.last.get(e, -10) >= self.token - 1:
+            p += 1.0 / (self.distance(key, layer) + 0.1)
+        return p
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, OnDemand, Hobbit, LCU)}
+CACHE_POLICIES = tuple(POLICIES)
+
+
+def make_policy(name: str, num_layers: int = 1, low_over_high: float = 0.5, weights=None) -> Policy:
     from ..errors import HobbitError
 
     if name not in POLICIES:
-        raise HobbitError(f"unknown policy {name!r} (choose from {', '.join(CACHE_POLICIES)})")
-    return POLICIES[name]()
-
-
-def replay(
-    trace: Iterable[tuple[int, list[int]]], policy: Policy, slots: int, precision: str = "high"
-) -> dict:
-    """Runs a routing trace [(layer, [experts...]), ...] (one entry per MoE layer call)
-    through `policy` with `slots` cache slots, as the cache would: experts of the current
-    call are pinned, so never evicted for one another. Returns hits and misses."""
-    cached: set[Key] = set()
-    hits = misses = 0
-    for clock, (layer, experts) in enumerate(trace, start=1):
-        keys = [(layer, e, precision) for e in dict.fromkeys(experts)]
-        for key in keys:
-            policy.touch(key, clock)
-        for key in keys:
-            if key in cached:
-                hits += 1
-                continue
-            misses += 1
-            if not policy.keep:
-                continue
-            if len(cached) >= slots:
-                evictable = [k for k in cached if k not in keys]
-                if not evictable:
-                    continue  # computed from a scratch slot, not kept
-                cached.discard(policy.victim(evictable, layer))
-            cached.add(key)
-    return {"hits": hits, "misses": misses}
+        raise HobbitError(f"unknown cache policy {name!r} (choose from {', '.join(CACHE_POLICIES)})")
+    cls = POLICIES[name]
+    if issubclass(cls, _SequenceCounts):
+        return cls(num_layers, low_over_high, **({"weights": weights} if weights else {}))
+    return cls()

@@ -1,0 +1,66 @@
+"""Token-level dynamic precision (HOBBIT technique 1): which copy of a cache-miss expert to
+load for a token, or whether to skip it.
+
+The unimportance score of a token's i-th most important selected expert is the routing mass
+of the experts ranked above it: s_0 = 0, s_i = w_0 + ... + w_{i-1} (weights normalised to sum
+1). On a miss: s <= T1 loads the high-precision copy, T1 < s <= T2 the low one, s > T2 skips
+the expert. The top-1 expert (s = 0) is therefore always high. Thresholds are global, per
+layer ([L]) or per expert ([L, E]); `hobbit profile` fits them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HIGH, LOW, SKIP = 0, 1, 2
+LEVEL_NAMES = ("high", "low", "skip")
+
+
+def unimportance(weights: torch.Tensor) -> torch.Tensor:
+    """weights [T, K] -> s [T, K], in the same slot order."""
+    w = weights.float()
+    w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    sorted_w, order = torch.sort(w, dim=-1, descending=True)
+    s_sorted = sorted_w.cumsum(-1) - sorted_w
+    return torch.empty_like(s_sorted).scatter_(-1, order, s_sorted)
+
+
+@dataclass
+class PrecisionRule:
+    """Thresholds T1 <= T2 as floats, [L] or [L, E] tensors."""
+
+    t1: float | torch.Tensor = 0.6  # the paper's Mixtral values, until profiled
+    t2: float | torch.Tensor = 0.9
+
+    def levels(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """ids, weights [T, K] -> level per slot [T, K]: HIGH, LOW or SKIP."""
+        s = unimportance(weights)
+        t1, t2 = self._at(self.t1, layer, ids), self._at(self.t2, layer, ids)
+        level = torch.full_like(ids, LOW)
+        level[s <= t1] = HIGH
+        level[s > t2] = SKIP
+        return level
+
+    @staticmethod
+    def _at(t, layer: int, ids: torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return float(t)
+        if t.dim() == 1:
+            return float(t[layer])
+        return t[layer][ids]
+
+
+ALL_HIGH = PrecisionRule(t1=float("inf"), t2=float("inf"))
+
+
+def serve_from(has_high: bool, has_low: bool, want: int, has_top1: bool) -> str | None:
+    """Which cached copy serves a lookup, or None for a miss. The high copy always serves;
+    the low one serves unless a token wants high precision for its top-1 expert (the paper
+    keeps every token's top-1 expert at high precision)."""
+    if has_high:
+        return "high"
+    if has_low and (want == LOW or not has_top1):
+        return "low"
+    return None

@@ -1,0 +1,106 @@
+"""Named offloading strategies (the baselines and HOBBIT) and building their backend.
+
+A strategy is data: which cache policy, whether dynamic precision and prefetch are on. The
+named ones are the comparisons of `hobbit bench`; every switch can be overridden alone, for
+ablations (`hobbit` minus one technique).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import HobbitError
+from .budget import parse_memory
+from .loader import ModelFiles, load_resident_experts
+from .offload import OffloadedExperts, OffloadOptions, RouterView
+from .policies import make_policy
+from .precision import PrecisionRule
+from .store import ExpertStore
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    cache: str = "lru"  # resident | ondemand | lru | lfu | hobbit | lcu
+    dynamic_precision: bool = False
+    prefetch_depth: int = 0
+    low_share: float = 0.25  # of the budget, for low-precision copies (dynamic precision only)
+    t1: float | torch.Tensor = 0.6
+    t2: float | torch.Tensor = 0.9
+    skip: str = "drop"
+    cache_weights: tuple[float, ...] | None = None
+
+
+STRATEGIES = {
+    s.name: s
+    for s in [
+        Strategy("resident", cache="resident"),
+        Strategy("ondemand", cache="ondemand"),
+        Strategy("lru"),
+        Strategy("lfu", cache="lfu"),
+        Strategy("lru+prefetch", prefetch_depth=2),
+        Strategy("hobbit", cache="hobbit", dynamic_precision=True, prefetch_depth=2),
+    ]
+}
+
+
+def strategy(name: str, **overrides) -> Strategy:
+    if name not in STRATEGIES:
+        raise HobbitError(f"unknown policy {name!r} (choose from {', '.join(STRATEGIES)})")
+    return dataclasses.replace(STRATEGIES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype, model, io_threads=2):
+    """The ExpertBackend for strategy `s`; `model` supplies the routers for prefetching."""
+    if s.cache == "resident":
+        return load_resident_experts(files, precision, dtype)
+    cfg = files.config
+    precisions = [precision]
+    if s.dynamic_precision:
+        if "low" not in files.precisions:
+            raise HobbitError(
+                f"policy {s.name} loads unimportant experts in low precision, but {files.dir} has "
+                "no low-precision shard: prepare with --low TYPE, or pass --no-dynamic-precision"
+            )
+        precisions = ["high", "low"]
+    store = ExpertStore(files, precisions, dtype)
+    slot = {p: store.p[p].slot_bytes for p in precisions}
+    if memory is None:
+        if s.cache != "ondemand":
+            store.close()
+            raise HobbitError(f"policy {s.name} caches experts: give a memory budget, e.g. --memory 30%")
+        budget = cfg.top_k * max(slot.values())
+    else:
+        budget = parse_memory(memory, files.manifest["expert_shard_bytes"]["high"])
+    if s.dynamic_precision:
+        budgets = {"low": int(budget * s.low_share)}
+        budgets["high"] = budget - budgets["low"]
+    else:
+        budgets = {precision: budget}
+    need = {p: cfg.top_k * slot[p] for p in budgets}
+    if any(budgets[p] < need[p] for p in budgets):
+        store.close()
+        minimum = sum(need.values()) if s.dynamic_precision else need[precision]
+        raise HobbitError(
+            f"a memory budget of {budget:,} bytes is below this model's working minimum, "
+            f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes"
+        )
+    low_over_high = (store.p["low"].expert_bytes / store.p["high"].expert_bytes) if "low" in store.p else 1.0
+    policy = make_policy(
+        s.cache,
+        num_layers=cfg.num_layers,
+        low_over_high=low_over_high,
+        weights=s.cache_weights,
+    )
+    options = OffloadOptions(
+        rule=PrecisionRule(s.t1, s.t2) if s.dynamic_precision else None,
+        skip=s.skip,
+        prefetch_depth=s.prefetch_depth,
+        io_threads=io_threads,
+    )
+    routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
+    router = RouterView(routers, model.select) if s.prefetch_depth else None
+    return OffloadedExperts(store, budgets, policy, options, router)
