@@ -2,7 +2,8 @@
 
 A key is (layer, expert, precision). The cache tells a policy which keys were used at which
 clock tick (one tick per MoE layer call) and token, and asks it for a victim among the
-evictable keys. Policies never see memory, files or tensors.
+evictable keys (ties broken by key, so a replay decides exactly as the cache did). Policies
+never see memory, files or tensors.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class LRU(Policy):
         self.last[key] = clock
 
     def victim(self, candidates, layer):
-        return min(candidates, key=lambda k: self.last.get(k, -1))
+        return min(candidates, key=lambda k: (self.last.get(k, -1), k))
 
 
 class LFU(LRU):
@@ -58,7 +59,7 @@ class LFU(LRU):
         self.count[key] = self.count.get(key, 0) + 1
 
     def victim(self, candidates, layer):
-        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
+        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1), k))
 
 
 class OnDemand(LRU):
@@ -98,7 +99,7 @@ class _SequenceCounts(Policy):
         return (key[0] - layer + self.n) % self.n
 
     def victim(self, candidates, layer):
-        return min(candidates, key=lambda k: self.priority(k, layer))
+        return min(candidates, key=lambda k: (self.priority(k, layer), k))
 
     def priority(self, key: Key, layer: int) -> float:
         raise NotImplementedError
