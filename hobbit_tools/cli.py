@@ -35,6 +35,43 @@ def main() -> None:
     """
 
 
+def runtime_options(f):
+    """The options every command that runs the model shares (run, eval, ...)."""
+    options = [
+        click.option("--precision", default="high", show_default=True, type=click.Choice(["high", "low"]),
+                     help="Which expert shard serves when dynamic precision is off."),
+        click.option("--memory", help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of "
+                     "the high-precision expert bytes (30%). Given, experts are read from disk on demand."),
+        click.option("--policy", type=click.Choice(["resident", "ondemand", "lru", "lfu", "lru+prefetch", "hobbit"]),
+                     help="Offloading strategy. Default: resident without --memory, lru with it. "
+                     "hobbit = dynamic precision + adaptive prefetch + multidimensional cache."),
+        click.option("--dynamic-precision/--no-dynamic-precision", default=None,
+                     help="Load unimportant cache misses in low precision, or skip them (default: per policy)."),
+        click.option("--prefetch-depth", type=int, help="Layers to prefetch ahead; 0 = off (default: per policy)."),
+        click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
+        click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
+                     help="Eviction policy (default: per policy)."),
+        click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load(model_dir, *, quiet=False, no_prefetch=False, prefetch_depth=None, **options):
+    """Load MODEL_DIR, or the bundled demo model (prepared on first use) when it is None."""
+    from .runtime import load
+
+    if model_dir is None:
+        from . import demo
+
+        model_dir = str(demo.prepared_demo(progress=_tty()))
+        options["memory"] = options.get("memory") or demo.MEMORY
+        if not quiet:
+            click.echo(f"[demo model: {model_dir}, expert budget {options['memory']}]", err=True)
+    return load(model_dir, prefetch_depth=0 if no_prefetch else prefetch_depth, **options)
+
+
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("-o", "--out", type=click.Path(path_type=str), help="Model dir to write.")
@@ -98,71 +135,40 @@ def prepare(src, out, dense, high, low, force, check, as_json) -> None:
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@runtime_options
 @click.option(
-    "--precision",
-    default="high",
-    show_default=True,
-    type=click.Choice(["high", "low"]),
-    help="Which expert shard to run from.",
+    "--trace",
+    "trace_file",
+    type=click.Path(path_type=str),
+    help="Write a routing trace (JSON lines).",
 )
-@click.option(
-    "--memory",
-    help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of the high-precision "
-    "expert bytes (30%). Given, experts are offloaded and read from disk on demand.",
-)
-@click.option(
-    "--policy",
-    type=click.Choice(["resident", "ondemand", "lru", "lfu", "lru+prefetch", "hobbit"]),
-    help="Offloading strategy. Default: resident without --memory, lru with it. hobbit = "
-    "dynamic precision + adaptive prefetch + multidimensional cache.",
-)
-@click.option(
-    "--dynamic-precision/--no-dynamic-precision",
-    default=None,
-    help="Load unimportant cache misses in low precision, or skip them (default: per policy).",
-)
-@click.option("--prefetch-depth", type=int, help="Layers to prefetch ahead; 0 = off (default: per policy).")
-@click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0.")
-@click.option(
-    "--cache-policy",
-    type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
-    help="Eviction policy (default: per policy).",
-)
-@click.option("--trace", "trace_file", type=click.Path(path_type=str), help="Write a routing trace (JSON lines).")
-@click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text", "token_ids", "stats"}.')
 def run(
-    model_dir, prompt, max_tokens, temperature, top_k, top_p, seed, stop, precision, memory, policy,
-    dynamic_precision, prefetch_depth, no_prefetch, cache_policy, trace_file, max_context, as_json,
-):  # fmt: skip
+    model_dir,
+    prompt,
+    max_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop,
+    trace_file,
+    as_json,
+    **runtime,
+):
     """Generate text from a prepared MODEL_DIR, streaming it, then a stats line.
 
     Without MODEL_DIR, runs the bundled demo model (prepared on first use into
     ~/.cache/hobbit) with its experts offloaded under a budget of half their bytes.
     """
-    from .runtime import load
-
     if model_dir is None:
         from . import demo
 
-        model_dir = str(demo.prepared_demo(progress=_tty()))
         prompt = prompt or demo.PROMPT
-        memory = memory or demo.MEMORY
-        if not as_json:
-            click.echo(f"[demo model: {model_dir}, expert budget {memory}]", err=True)
     elif prompt is None:
         raise click.UsageError("give a prompt with -p/--prompt")
 
-    rt = load(
-        model_dir,
-        precision=precision,
-        memory=memory,
-        policy=policy,
-        dynamic_precision=dynamic_precision,
-        prefetch_depth=0 if no_prefetch else prefetch_depth,
-        cache_policy=cache_policy,
-        max_context=max_context,
-    )
+    rt = _load(model_dir, quiet=as_json, **runtime)
     if trace_file:
         rt.start_trace()
     params = dict(
@@ -192,7 +198,11 @@ def run(
         rt.write_trace(trace_file)
     s, info = g.stats, rt.info
     share = s.get("share")
-    mix = f", high/low/skip {share['high']:.0%}/{share['low']:.0%}/{share['skip']:.0%}" if share else ""
+    mix = (
+        f", high/low/skip {share['high']:.0%}/{share['low']:.0%}/{share['skip']:.0%}"
+        if share
+        else ""
+    )
     click.echo(
         f"\n\n[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_tokens_per_s']:.1f} tok/s | "
         f"{s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.2f} tok/s | "
@@ -238,7 +248,9 @@ def bench(model_dir, memory, policies, max_tokens, precision, as_json) -> None:
     "--cache-policy", default="lru,lfu,hobbit,lcu", show_default=True, help="Comma-separated."
 )
 @click.option("--dynamic-precision", is_flag=True, help="Re-derive high/low/skip with --t1/--t2.")
-@click.option("--t1", default=0.6, show_default=True, help="Unimportance threshold for low precision.")
+@click.option(
+    "--t1", default=0.6, show_default=True, help="Unimportance threshold for low precision."
+)
 @click.option("--t2", default=0.9, show_default=True, help="Unimportance threshold for skipping.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def replay(trace_file, memory, cache_policy, dynamic_precision, t1, t2, as_json) -> None:
@@ -258,7 +270,9 @@ def replay(trace_file, memory, cache_policy, dynamic_precision, t1, t2, as_json)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    click.echo(f"{'memory':>7} {'policy':<7} {'hit rate':>8} {'MiB read':>9} {'miss penalty':>12} {'high/low/skip':>14}")
+    click.echo(
+        f"{'memory':>7} {'policy':<7} {'hit rate':>8} {'MiB read':>9} {'miss penalty':>12} {'high/low/skip':>14}"
+    )
     for r in results:
         sh = r["share"]
         click.echo(
@@ -266,7 +280,10 @@ def replay(trace_file, memory, cache_policy, dynamic_precision, t1, t2, as_json)
             f"{r['miss_penalty']:>12.1f} {sh['high']:>5.0%}/{sh['low']:.0%}/{sh['skip']:.0%}"
         )
     if results and results[0]["prefetch_recall"]:
-        click.echo("prefetch recall by depth: " + ", ".join(f"{d}: {v:.0%}" for d, v in results[0]["prefetch_recall"].items()))
+        click.echo(
+            "prefetch recall by depth: "
+            + ", ".join(f"{d}: {v:.0%}" for d, v in results[0]["prefetch_recall"].items())
+        )
 
 
 @main.command()
@@ -321,6 +338,65 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     make_random_checkpoint(out, shape, dtype=dt, seed=seed, force=force, progress=_tty())
     click.echo(f"wrote {out} ({shape})")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Measure quality under any runtime setting."""
+
+
+@eval_group.command("ppl")
+@click.argument("model_dir", required=False, type=click.Path(path_type=str))
+@click.option(
+    "--text",
+    "text_file",
+    required=True,
+    type=click.Path(path_type=str),
+    help="UTF-8 text to score.",
+)
+@click.option(
+    "--max-tokens", default=2048, show_default=True, help="Score at most this many tokens."
+)
+@click.option(
+    "--window", default=256, show_default=True, help="Tokens per window (each from an empty cache)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["decode", "prefill"]),
+    default="decode",
+    show_default=True,
+    help="decode: one token at a time, as generation runs; prefill: one forward per window.",
+)
+@runtime_options
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"ppl", "tokens", "settings", "stats"}.'
+)
+def eval_ppl(model_dir, text_file, max_tokens, window, mode, as_json, **runtime) -> None:
+    """Perplexity of MODEL_DIR (default: the demo model) on a text file."""
+    from .evaluate import perplexity, read_text
+
+    text = read_text(text_file)
+    rt = _load(model_dir, quiet=as_json, **runtime)
+    r = perplexity(rt, text, max_tokens=max_tokens, window=window, mode=mode)
+    settings = {**rt.info, "text": text_file, "window": window, "mode": mode}
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"ppl": r["ppl"], "tokens": r["tokens"], "settings": settings, "stats": r["stats"]}
+            )
+        )
+        return
+    st = r["stats"]
+    share = st.get("share")
+    mix = (
+        f", high/low/skip {share['high']:.0%}/{share['low']:.0%}/{share['skip']:.0%}"
+        if share
+        else ""
+    )
+    click.echo(
+        f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({rt.info['policy']}, "
+        f"hit rate {st['hit_rate']:.0%}{mix}, {st['tokens_per_s']:.1f} tok/s)"
+    )
 
 
 def _tty() -> bool:
