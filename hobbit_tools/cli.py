@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -52,13 +53,26 @@ def runtime_options(f):
         click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
                      help="Eviction policy (default: per policy)."),
         click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096)."),
+        click.option("--config", "config", type=click.Path(path_type=str),
+                     help="Tuned config to use (default: hobbit-config.json next to the shards, "
+                     "when no --policy is given)."),
+        click.option("--no-config", is_flag=True, help="Ignore any tuned config."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _load(model_dir, *, quiet=False, no_prefetch=False, prefetch_depth=None, **options):
+def _load(
+    model_dir,
+    *,
+    quiet=False,
+    no_prefetch=False,
+    prefetch_depth=None,
+    no_config=False,
+    config=None,
+    **options,
+):
     """Load MODEL_DIR, or the bundled demo model (prepared on first use) when it is None."""
     from .runtime import load
 
@@ -69,7 +83,15 @@ def _load(model_dir, *, quiet=False, no_prefetch=False, prefetch_depth=None, **o
         options["memory"] = options.get("memory") or demo.MEMORY
         if not quiet:
             click.echo(f"[demo model: {model_dir}, expert budget {options['memory']}]", err=True)
-    return load(model_dir, prefetch_depth=0 if no_prefetch else prefetch_depth, **options)
+    rt = load(
+        model_dir,
+        prefetch_depth=0 if no_prefetch else prefetch_depth,
+        config=False if no_config else config,
+        **options,
+    )
+    if rt.info.get("config") and not quiet:
+        click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
+    return rt
 
 
 @main.command()
@@ -338,6 +360,65 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     make_random_checkpoint(out, shape, dtype=dt, seed=seed, force=force, progress=_tty())
     click.echo(f"wrote {out} ({shape})")
+
+
+@main.command("profile")
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=str),
+    help="Calibration text (default: a bundled public-domain excerpt).",
+)
+@click.option(
+    "--memory",
+    help="Expert cache budget to tune for (default: half the available RAM, less dense and KV).",
+)
+@click.option(
+    "--ppl-budget",
+    default=0.01,
+    show_default=True,
+    help="Allowed perplexity increase over all-high.",
+)
+@click.option("--max-tokens", default=2048, show_default=True, help="Calibration tokens at most.")
+@click.option("--quick", is_flag=True, help="Fewer probes and candidates (CI smoke tests).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=str),
+    help="Config path (default: MODEL_DIR/hobbit-config.json).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print everything measured and chosen as JSON."
+)
+def profile_cmd(
+    model_dir, calibration, memory, ppl_budget, max_tokens, quick, out, as_json
+) -> None:
+    """Measure this device and MODEL_DIR on calibration text, fit the runtime's knobs
+    (thresholds, prefetch depth, cache policy and weights, budget) and write a tuned config
+    that `hobbit run` then uses by default, plus profile-report.md explaining it."""
+    from .profile.profiler import profile
+
+    result = profile(
+        model_dir,
+        calibration=calibration,
+        memory=memory,
+        ppl_budget=ppl_budget,
+        max_tokens=max_tokens,
+        quick=quick,
+        out=out,
+        say=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=_jsonable))
+        return
+    click.echo(Path(result["report"]).read_text())
+    click.echo(f"wrote {result['config']} and {result['report']}")
+
+
+def _jsonable(o):
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
 
 
 @main.group("eval")

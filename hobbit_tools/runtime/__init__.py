@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import ModelFiles, build_model, compute_dtype, tokenizer
 from .strategy import STRATEGIES, Strategy, build_backend, strategy
@@ -25,6 +27,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     max_context: int | None = None,
     io_threads: int = 2,
+    config: str | Path | bool | None = None,
 ) -> Runtime:
     """Load a prepared model dir.
 
@@ -38,9 +41,31 @@ def load(
         ("lru", "lfu", "hobbit", "lcu").
     dtype: compute dtype (default: the dense shard's). max_context: KV cache length
     (default: the model's, at most 4096).
+    config: the tuned config from `hobbit profile` (default: the one next to the shards, if
+        any, used when no policy is given; False: none). It sets the strategy and, unless
+        `memory` is given, the budget.
     """
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
+    tuned = None
+    if policy is None and config is not False:
+        tuned = _tuned_config(files, config)
+        if tuned is not None:
+            from ..profile.config import strategy_from
+
+            policy = dataclasses.replace(
+                strategy_from(tuned),
+                **{
+                    k: v
+                    for k, v in {
+                        "dynamic_precision": dynamic_precision,
+                        "prefetch_depth": prefetch_depth,
+                        "cache": cache_policy,
+                    }.items()
+                    if v is not None
+                },
+            )
+            memory = memory if memory is not None else tuned["runtime"]["memory"]
     if not isinstance(policy, Strategy):
         policy = strategy(
             policy or ("lru" if memory is not None else "resident"),
@@ -57,12 +82,30 @@ def load(
         "policy": policy.name,
         "strategy": {k: v for k, v in vars(policy).items() if not isinstance(v, torch.Tensor)},
         "precision": "high+low" if policy.dynamic_precision else precision,
-        "expert_type": "+".join(files.manifest["types"][p] for p in (["high", "low"] if policy.dynamic_precision else [precision])),
+        "expert_type": "+".join(
+            files.manifest["types"][p]
+            for p in (["high", "low"] if policy.dynamic_precision else [precision])
+        ),
         "dtype": str(dt).removeprefix("torch."),
         "context": model.cache.max_len,
         "cache_bytes": backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0)),
         "dense_bytes": model.dense_bytes,
         "kv_bytes": model.cache.nbytes,
         "expert_shard_bytes": files.manifest["expert_shard_bytes"]["high"],
+        "config": tuned["path"] if tuned else None,
     }
     return Runtime(model, tokenizer(files), info)
+
+
+def _tuned_config(files: ModelFiles, config: str | Path | bool | None) -> dict | None:
+    from ..profile.config import config_path, read_config
+    from ..profile.device import fingerprint
+
+    path = Path(config) if isinstance(config, str | Path) else config_path(files.dir)
+    if not path.is_file():
+        if config not in (None, True):
+            raise HobbitError(f"tuned config {path} does not exist; make one with `hobbit profile`")
+        return None
+    cfg = read_config(path, files.dir, fingerprint(files.dir))
+    cfg["path"] = str(path)
+    return cfg

@@ -1,0 +1,143 @@
+"""Fitting the runtime's knobs from measurements, instead of setting them by hand.
+
+Pure functions over callables and traces, so each is testable on synthetic data:
+- thresholds: the (T1, T2) with the lowest expected load cost whose perplexity stays within
+  the budget over all-high;
+- cache: the eviction policy, HOBBIT's priority weights and the high/low split with the
+  lowest miss penalty on a replayed routing trace;
+- prefetch depth: the deepest look-ahead whose prediction recall is still worth a read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from ..runtime.precision import LOW, SKIP, PrecisionRule
+from ..runtime.replay import replay
+
+T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def expected_cost(weights_by_layer: dict[int, torch.Tensor], cost: dict[str, float]) -> Callable:
+    """Mean cost per (token, layer) of loading every selected expert at the level a rule
+    gives it (as if all were misses); cost per level name: e.g. seconds to read + compute."""
+
+    def f(t1: float, t2: float) -> float:
+        rule, total, n = PrecisionRule(t1, t2), 0.0, 0
+        for layer, w in weights_by_layer.items():
+            ids = torch.zeros_like(w, dtype=torch.long)
+            lv = rule.levels(layer, ids, w)
+            total += cost["high"] * float((lv == 0).sum()) + cost["low"] * float((lv == LOW).sum())
+            total += cost.get("skip", 0.0) * float((lv == SKIP).sum())
+            n += w.shape[0]
+        return total / max(n, 1)
+
+    return f
+
+
+def fit_thresholds(
+    evaluate: Callable[[float, float], float],
+    cost: Callable[[float, float], float],
+    base_ppl: float,
+    budget: float = 0.01,
+    grid: tuple[float, ...] = T_GRID,
+    max_evals: int = 40,
+) -> dict:
+    """Cheapest (T1, T2) with evaluate(T1, T2) <= base_ppl * (1 + budget).
+
+    Candidates are tried from the cheapest up, so the first that meets the budget wins;
+    T2 = 1.0 never skips (unimportance is always below 1) and T1 = T2 = 1.0 is all-high."""
+    candidates = sorted(
+        ((t1, t2) for t1 in grid for t2 in grid if t2 >= t1),
+        key=lambda t: (cost(*t), -t[0], -t[1]),
+    )
+    limit = base_ppl * (1 + budget)
+    tried = []
+    for t1, t2 in candidates[:max_evals]:
+        ppl = evaluate(t1, t2)
+        tried.append({"t1": t1, "t2": t2, "ppl": ppl, "cost": cost(t1, t2)})
+        if ppl <= limit:
+            return {
+                "t1": t1,
+                "t2": t2,
+                "ppl": ppl,
+                "cost": cost(t1, t2),
+                "limit": limit,
+                "tried": tried,
+            }
+    return {
+        "t1": 1.0,
+        "t2": 1.0,
+        "ppl": base_ppl,
+        "cost": cost(1.0, 1.0),
+        "limit": limit,
+        "tried": tried,
+    }
+
+
+def weight_grid(step: float = 0.2) -> list[tuple[float, float, float, float]]:
+    """HOBBIT's (w_lru, w_lfu, w_lhu, w_fld) on the simplex, in steps of `step`."""
+    n = round(1 / step)
+    return [
+        tuple(round(k * step, 6) for k in ks)
+        for ks in itertools.product(range(n + 1), repeat=4)
+        if sum(ks) == n
+    ]
+
+
+def fit_cache(
+    header: dict,
+    records: list[dict],
+    memory: int,
+    rule: PrecisionRule | None,
+    low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
+    step: float = 0.25,
+) -> dict:
+    """Policy, weights and split with the lowest miss penalty on the trace."""
+    shares = low_shares if rule is not None else (0.0,)
+    results = []
+    for share in shares:
+        for policy in ("lru", "lfu", "lcu"):
+            r = replay(
+                header, records, memory=memory, cache_policy=policy, rule=rule, low_share=share
+            )
+            results.append(
+                {"cache_policy": policy, "weights": None, "low_share": share, **_brief(r)}
+            )
+        for w in weight_grid(step):
+            r = replay(
+                header,
+                records,
+                memory=memory,
+                cache_policy="hobbit",
+                rule=rule,
+                low_share=share,
+                cache_weights=w,
+            )
+            results.append(
+                {"cache_policy": "hobbit", "weights": w, "low_share": share, **_brief(r)}
+            )
+    best = min(results, key=lambda r: (r["miss_penalty"], r["cache_policy"] != "hobbit"))
+    lru = min((r for r in results if r["cache_policy"] == "lru"), key=lambda r: r["miss_penalty"])
+    return {"best": best, "lru": lru, "candidates": len(results)}
+
+
+def _brief(r: dict) -> dict:
+    return {k: r[k] for k in ("miss_penalty", "hit_rate", "bytes_read")}
+
+
+def fit_prefetch_depth(
+    recall: dict[int, float], min_recall: float = 0.6, max_depth: int = 3
+) -> int:
+    """Deepest look-ahead (up to max_depth) whose recall stays >= min_recall: a prefetch that
+    is right less often than that costs more reads than the misses it saves."""
+    depth = 0
+    for d in range(1, max_depth + 1):
+        if recall.get(d, 0.0) >= min_recall:
+            depth = d
+        else:
+            break
+    return depth
