@@ -10,6 +10,7 @@ layer ([L]) or per expert ([L, E]); `hobbit profile` fits them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,13 @@ class PrecisionRule:
 
     @staticmethod
     def _at(t, layer: int, ids: torch.Tensor):
+        # A threshold of 1 admits everything (s < 1 always), whatever rounding does to s.
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return float(t)
+            return math.inf if float(t) >= 1.0 else float(t)
         if t.dim() == 1:
-            return float(t[layer])
-        return t[layer][ids]
+            return math.inf if float(t[layer]) >= 1.0 else float(t[layer])
+        t = t[layer][ids]
+        return torch.where(t >= 1.0, torch.full_like(t, math.inf), t)
 
 
 ALL_HIGH = PrecisionRule(t1=float("inf"), t2=float("inf"))

@@ -1,0 +1,1 @@
+"""Measuring this machine and this model for the offloading runtime."""
