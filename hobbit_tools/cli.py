@@ -106,6 +106,9 @@ def _load(
 @click.option("--low", help="Type of the low-precision expert shard (optional).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
+    "--recipe", help="Preset (a name in recipes/ or a TOML path) giving the types; flags win."
+)
+@click.option(
     "--check",
     is_flag=True,
     help="Instead of converting, re-verify the model dir SRC against its manifest (sha256 "
@@ -114,7 +117,7 @@ def _load(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (or check result) as JSON."
 )
-def prepare(src, out, dense, high, low, force, check, as_json) -> None:
+def prepare(src, out, dense, high, low, force, recipe, check, as_json) -> None:
     """Convert a Hugging Face MoE checkpoint SRC into a model dir of GGUF shards.
 
     SRC is a directory with config.json, model*.safetensors (single or sharded with its
@@ -136,7 +139,14 @@ def prepare(src, out, dense, high, low, force, check, as_json) -> None:
     if not out:
         raise click.UsageError("give the output dir with -o/--out")
     from .quantize.convert import prepare as run_prepare
+    from .recipes import load_recipe
 
+    preset = load_recipe(recipe, "prepare")
+    dense, high, low = (
+        dense or preset.get("dense"),
+        high or preset.get("high"),
+        low or preset.get("low"),
+    )
     manifest = run_prepare(
         src, out, dense=dense, high=high, low=low, force=force, progress=_tty() and not as_json
     )
@@ -374,12 +384,13 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
     help="Expert cache budget to tune for (default: half the available RAM, less dense and KV).",
 )
 @click.option(
-    "--ppl-budget",
-    default=0.01,
-    show_default=True,
-    help="Allowed perplexity increase over all-high.",
+    "--ppl-budget", type=float, help="Allowed perplexity increase over all-high (default 0.01)."
 )
-@click.option("--max-tokens", default=2048, show_default=True, help="Calibration tokens at most.")
+@click.option("--max-tokens", type=int, help="Calibration tokens at most (default 2048).")
+@click.option(
+    "--recipe",
+    help="Preset (a name in recipes/ or a TOML path) giving profile settings; flags win.",
+)
 @click.option("--quick", is_flag=True, help="Fewer probes and candidates (CI smoke tests).")
 @click.option(
     "-o",
@@ -391,19 +402,21 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
     "--json", "as_json", is_flag=True, help="Print everything measured and chosen as JSON."
 )
 def profile_cmd(
-    model_dir, calibration, memory, ppl_budget, max_tokens, quick, out, as_json
+    model_dir, calibration, memory, ppl_budget, max_tokens, recipe, quick, out, as_json
 ) -> None:
     """Measure this device and MODEL_DIR on calibration text, fit the runtime's knobs
     (thresholds, prefetch depth, cache policy and weights, budget) and write a tuned config
     that `hobbit run` then uses by default, plus profile-report.md explaining it."""
     from .profile.profiler import profile
+    from .recipes import load_recipe
 
+    preset = load_recipe(recipe, "profile")
     result = profile(
         model_dir,
-        calibration=calibration,
-        memory=memory,
-        ppl_budget=ppl_budget,
-        max_tokens=max_tokens,
+        calibration=calibration or preset.get("calibration"),
+        memory=memory or preset.get("memory"),
+        ppl_budget=ppl_budget if ppl_budget is not None else preset.get("ppl_budget", 0.01),
+        max_tokens=max_tokens or preset.get("max_tokens", 2048),
         quick=quick,
         out=out,
         say=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),

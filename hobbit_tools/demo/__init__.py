@@ -23,11 +23,13 @@ def prepared_demo(progress: bool = False) -> Path:
     """The demo model's prepared dir, made on first use and reused after."""
     from ..quantize.checkpoint import Checkpoint
     from ..quantize.convert import prepare
+    from ..recipes import load_recipe
 
     if not (CHECKPOINT / "config.json").is_file():
         raise HobbitError(f"the bundled demo checkpoint is missing from {CHECKPOINT}")
+    types = load_recipe("demo", "prepare")
     digest = Checkpoint(CHECKPOINT).digest()[:12]
-    out = cache_root() / f"demo-{digest}"
+    out = cache_root() / f"demo-{digest}-{types['high']}-{types['low']}"
     if not (out / "manifest.json").is_file():
-        prepare(CHECKPOINT, out, force=True, progress=progress)
+        prepare(CHECKPOINT, out, force=True, progress=progress, **types)
     return out
