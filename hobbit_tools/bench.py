@@ -1,15 +1,18 @@
-"""`hobbit bench`: policies side by side, in one process, on the same prompts.
+"""`hobbit bench`: strategies side by side, in one process, on the same prompts.
 
-Each run loads the model afresh (cold cache), generates from every prompt, and reports decode
-tokens/s, prefill time, bytes read per decoded token and the hit rate; every run is also
-given as a ratio to `lru` at the same budget. Reads bypass the page cache (O_DIRECT), so runs
-do not warm each other up.
+Each run loads the model afresh (cold cache), generates from every prompt, and reports
+decode tokens/s, prefill time, bytes read per decoded token, hit rate and the high/low/skip
+shares (and, given a text, perplexity in decode mode); every run is also given as a ratio to
+`lru` at the same budget. Reads bypass the page cache (O_DIRECT), so runs do not warm each
+other up. The bound is what this machine could do if every byte read overlapped perfectly
+with compute: 1 / max(bytes per token / direct-read bandwidth, resident compute per token).
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 from .runtime import load
 
@@ -18,6 +21,7 @@ DEFAULT_PROMPTS = (
     "The history of the world is the history of",
     "In the beginning of the year the king called his ministers together and said",
 )
+BUDGET_FREE = ("resident", "ondemand")  # strategies whose memory does not depend on --memory
 
 
 def bench(
@@ -28,39 +32,82 @@ def bench(
     prompts: tuple[str, ...] = DEFAULT_PROMPTS,
     max_new_tokens: int = 32,
     precision: str = "high",
+    ppl_text: str | None = None,
+    ppl_tokens: int = 512,
     progress=None,
 ) -> dict:
+    text = Path(ppl_text).read_text(encoding="utf-8", errors="replace") if ppl_text else None
     runs = []
     for memory in memories:
         for policy in policies:
-            # resident and ondemand do not depend on the budget: run them once.
-            if policy in ("resident", "ondemand") and any(r["policy"] == policy for r in runs):
+            if policy in BUDGET_FREE and any(r["policy"] == policy for r in runs):
                 continue
             if progress:
                 progress(f"{policy} @ {memory}")
-            runs.append(_run(model_dir, memory, policy, prompts, max_new_tokens, precision))
+            runs.append(
+                _run(
+                    model_dir, memory, policy, prompts, max_new_tokens, precision, text, ppl_tokens
+                )
+            )
     lru = {r["memory"]: r["decode_tokens_per_s"] for r in runs if r["policy"] == "lru"}
     for r in runs:
         base = lru.get(r["memory"])
         r["speedup_vs_lru"] = r["decode_tokens_per_s"] / base if base else None
-    return {"model_dir": str(model_dir), "max_new_tokens": max_new_tokens, "runs": runs}
+    gbps = _direct_gbps(model_dir)
+    compute = next((1 / r["decode_tokens_per_s"] for r in runs if r["policy"] == "resident"), None)
+    for r in runs:
+        r["bound_tokens_per_s"] = _bound(r["bytes_read_per_token"], gbps, compute)
+    offloaded = [r for r in runs if r["policy"] not in BUDGET_FREE]
+    bound = max(
+        (r["bound_tokens_per_s"] for r in offloaded if r["bound_tokens_per_s"]), default=None
+    )
+    return {
+        "model_dir": str(model_dir),
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(prompts),
+        "direct_read_gbps": gbps,
+        "resident_compute_s_per_token": compute,
+        "bound_tokens_per_s": bound,
+        "runs": runs,
+    }
 
 
-def _run(model_dir, memory, policy, prompts, max_new_tokens, precision) -> dict:
+def _bound(bytes_per_token: float, gbps: float | None, compute_s: float | None) -> float | None:
+    if not gbps or compute_s is None:
+        return None
+    return 1.0 / max(bytes_per_token / (gbps * 1e9), compute_s)
+
+
+def _direct_gbps(model_dir) -> float | None:
+    from .profile.device import probe_reads
+    from .shards import read_manifest
+
+    m = read_manifest(Path(model_dir))
+    shard = next(s["file"] for s in m["shards"] if s["role"] == "experts-high")
+    probes, _ = probe_reads(
+        Path(model_dir) / shard,
+        request_sizes=(1 << 20, 8 << 20),
+        queue_depths=(1, 2),
+        total_bytes=64 << 20,
+    )
+    return max((p.gbps for p in probes), default=None)
+
+
+def _run(model_dir, memory, policy, prompts, max_new_tokens, precision, text, ppl_tokens) -> dict:
     t0 = time.perf_counter()
     rt = load(
         model_dir,
         precision=precision,
-        memory=None if policy in ("resident", "ondemand") else memory,
+        memory=None if policy in BUDGET_FREE else memory,
         policy=policy,
         max_context=512,
     )
     load_s = time.perf_counter() - t0
     decode_tokens = decode_s = prefill_s = 0.0
     hits = misses = bytes_decode = io_wait = 0.0
+    served = {"high": 0, "low": 0, "skip": 0}
     for prompt in prompts:
-        g = rt.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False)
-        s = g.stats
+        s = rt.generate(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False).stats
         steps = len(s["per_token"])
         decode_tokens += steps
         decode_s += s["decode_s"]
@@ -69,11 +116,20 @@ def _run(model_dir, memory, policy, prompts, max_new_tokens, precision) -> dict:
         misses += s["misses"]
         bytes_decode += s["decode_bytes_read_per_token"] * steps
         io_wait += s["io_wait_s"]
+        for k, v in s.get("served", {}).items():
+            served[k] += v
+    last = s
+    ppl = None
+    if text is not None:
+        from .evaluate import perplexity
+
+        ppl = perplexity(rt, text, max_tokens=ppl_tokens, mode="decode")["ppl"]
     info = rt.info
     if hasattr(rt.model.experts, "close"):
         rt.model.experts.close()
     del rt
     gc.collect()
+    total_served = sum(served.values())
     return {
         "policy": policy,
         "memory": "all" if policy == "resident" else ("top-k" if policy == "ondemand" else memory),
@@ -83,19 +139,76 @@ def _run(model_dir, memory, policy, prompts, max_new_tokens, precision) -> dict:
         "prefill_s_per_prompt": prefill_s / len(prompts),
         "bytes_read_per_token": bytes_decode / decode_tokens if decode_tokens else 0.0,
         "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+        "share": {k: v / total_served for k, v in served.items()} if total_served else None,
+        "prefetch_recall": last.get("prefetch_recall"),
         "io_wait_s": io_wait,
-        "peak_rss_bytes": s["peak_rss_bytes"],
+        "ppl": ppl,
+        "peak_rss_bytes": last["peak_rss_bytes"],
     }
 
 
 def format_table(result: dict) -> str:
-    head = f"{'policy':<10} {'memory':>7} {'cache MiB':>9} {'decode tok/s':>12} {'vs lru':>6} {'MiB read/tok':>12} {'hit rate':>8} {'prefill s':>9}"
+    head = (
+        f"{'policy':<13}{'memory':>7}{'cache MiB':>10}{'tok/s':>8}{'vs lru':>8}{'bound':>7}"
+        f"{'MiB/tok':>9}{'hit rate':>9}{'high/low/skip':>15}{'prefill s':>10}{'ppl':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in result["runs"]:
         ratio = f"{r['speedup_vs_lru']:.2f}x" if r["speedup_vs_lru"] else "-"
+        bound = f"{r['bound_tokens_per_s']:.1f}" if r.get("bound_tokens_per_s") else "-"
+        sh = r["share"]
+        mix = f"{sh['high']:.0%}/{sh['low']:.0%}/{sh['skip']:.0%}" if sh else "-"
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] else "-"
         lines.append(
-            f"{r['policy']:<10} {r['memory']:>7} {r['cache_bytes'] / 2**20:>9.0f} "
-            f"{r['decode_tokens_per_s']:>12.2f} {ratio:>6} {r['bytes_read_per_token'] / 2**20:>12.1f} "
-            f"{r['hit_rate']:>8.1%} {r['prefill_s_per_prompt']:>9.2f}"
+            f"{r['policy']:<13}{r['memory']:>7}{r['cache_bytes'] / 2**20:>10.1f}"
+            f"{r['decode_tokens_per_s']:>8.2f}{ratio:>8}{bound:>7}{r['bytes_read_per_token'] / 2**20:>9.2f}"
+            f"{r['hit_rate']:>9.1%}{mix:>15}{r['prefill_s_per_prompt']:>10.2f}{ppl:>9}"
         )
+    gbps = result.get("direct_read_gbps")
+    lines.append("")
+    lines.append(
+        f"direct-read bandwidth {gbps:.2f} GB/s; bound = perfect overlap of reads and compute"
+        if gbps
+        else "direct-read bandwidth unknown"
+    )
     return "\n".join(lines)
+
+
+def plot_runs(result: dict, path: str | Path) -> None:
+    """Decode tokens/s against the budget, one line per strategy (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        from .errors import HobbitError
+
+        raise HobbitError("--plot needs matplotlib: pip install 'hobbit-tools[plot]'") from e
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_policy: dict[str, list] = {}
+    for r in result["runs"]:
+        if r["policy"] in BUDGET_FREE:
+            ax.axhline(r["decode_tokens_per_s"], ls="--", lw=1, color="grey")
+            ax.text(
+                0.01,
+                r["decode_tokens_per_s"],
+                f" {r['policy']}",
+                va="bottom",
+                transform=ax.get_yaxis_transform(),
+            )
+            continue
+        by_policy.setdefault(r["policy"], []).append(
+            (r["cache_bytes"] / 2**20, r["decode_tokens_per_s"])
+        )
+    for policy, points in by_policy.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    ax.set_xlabel("expert cache budget (MiB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"hobbit bench: {Path(result['model_dir']).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

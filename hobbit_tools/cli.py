@@ -248,28 +248,56 @@ def run(
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=str))
+@click.argument("model_dir", required=False, type=click.Path(path_type=str))
 @click.option("--memory", default="25%,50%", show_default=True, help="Budgets, comma-separated.")
 @click.option(
-    "--policies", default="resident,lru,lfu,ondemand", show_default=True, help="Comma-separated."
+    "--policies",
+    default="resident,ondemand,lru,lfu,lru+prefetch,hobbit",
+    show_default=True,
+    help="Comma-separated strategies.",
 )
 @click.option("-n", "--max-tokens", default=32, show_default=True, help="New tokens per prompt.")
 @click.option("--precision", default="high", show_default=True, type=click.Choice(["high", "low"]))
-@click.option("--json", "as_json", is_flag=True, help='Print {"runs": [...]}.')
-def bench(model_dir, memory, policies, max_tokens, precision, as_json) -> None:
+@click.option(
+    "--ppl-text",
+    type=click.Path(path_type=str),
+    help="Also measure perplexity of each run on this text.",
+)
+@click.option("--ppl-tokens", default=512, show_default=True, help="Tokens of --ppl-text to score.")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=str),
+    help="Write a PNG of tokens/s against budget per policy.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"runs": [...], "bound_tokens_per_s": ...}.'
+)
+def bench(
+    model_dir, memory, policies, max_tokens, precision, ppl_text, ppl_tokens, plot, as_json
+) -> None:
     """Run policies side by side on the same prompts, one after another in one process:
-    decode tokens/s, bytes read per token, hit rate, and each run's ratio to lru."""
+    decode tokens/s, bytes read per token, hit rate, high/low/skip shares, each run's ratio
+    to lru, and the physical bound of this machine (perfect overlap of reads and compute).
+    MODEL_DIR defaults to the demo model."""
     from .bench import bench as run_bench
-    from .bench import format_table
+    from .bench import format_table, plot_runs
 
+    if model_dir is None:
+        from . import demo
+
+        model_dir = str(demo.prepared_demo(progress=_tty()))
     result = run_bench(
         model_dir,
         [m.strip() for m in memory.split(",")],
         [p.strip() for p in policies.split(",")],
         max_new_tokens=max_tokens,
         precision=precision,
+        ppl_text=ppl_text,
+        ppl_tokens=ppl_tokens,
         progress=None if as_json else lambda what: click.echo(f"  running {what}", err=True),
     )
+    if plot:
+        plot_runs(result, plot)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -336,6 +364,27 @@ def inspect(model_dir, as_json) -> None:
         click.echo(f"  {s['file']:<28} {s['role']:<13} {s['type']:<5} {_gib(s['bytes']):>10}")
     for p, b in d["expert_bytes"].items():
         click.echo(f"  one expert, {p}: {_gib(b)}; all {p}: {_gib(d['expert_shard_bytes'][p])}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=str), help="Checkpoint dir to write."
+)
+@click.option(
+    "--expert-ffn", required=True, type=int, help="New width of every routed expert's FFN."
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def widen(src, out, expert_ffn, force) -> None:
+    """Copy HF checkpoint SRC with its experts zero-padded to --expert-ffn: the same function
+    and routing, experts as large as a big model's. For benchmarks on real routing."""
+    from .synth import widen_checkpoint
+
+    try:
+        widen_checkpoint(src, out, expert_ffn, force=force, progress=_tty())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {out}")
 
 
 @main.command()

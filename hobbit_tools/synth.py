@@ -38,6 +38,39 @@ PRESETS = {
 }
 
 
+class ShardedSafetensors:
+    """Writes tensors into model-NNNNN.safetensors files of about `shard_bytes` each, plus
+    the index: memory holds one shard's tensors at most."""
+
+    def __init__(self, out: Path, shard_bytes: int = 1 << 30):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.batch: dict[str, torch.Tensor] = {}
+        self.batch_bytes = self.files = self.total = 0
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        self.batch[name] = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        self.batch_bytes += nbytes
+        self.total += nbytes
+        if self.batch_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        self.files += 1
+        name = f"model-{self.files:05d}.safetensors"
+        save_file(self.batch, self.out / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.batch, name))
+        self.batch, self.batch_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def byte_tokenizer() -> dict:
     """A byte-level BPE with no merges: every byte is a token, plus <s> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -112,31 +145,14 @@ def make_random_checkpoint(
     itemsize = torch.empty(0, dtype=dtype).element_size()
     total = sum(_numel(shape) * itemsize for _, shape in tensors)
     with staging_dir(Path(out), force) as tmp:
-        weight_map: dict[str, str] = {}
-        batch: dict[str, torch.Tensor] = {}
-        batch_bytes, files = 0, 0
+        writer = ShardedSafetensors(tmp, shard_bytes)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
-
-        def flush():
-            nonlocal batch, batch_bytes, files
-            files += 1
-            name = f"model-{files:05d}.safetensors"
-            save_file(batch, tmp / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(batch, name))
-            batch, batch_bytes = {}, 0
-
         for name, shape in tensors:
             t = _init(name, shape, gen).to(dtype)
-            batch[name] = t
-            batch_bytes += t.numel() * itemsize
+            writer.add(name, t)
             bar.update(t.numel() * itemsize)
-            if batch_bytes >= shard_bytes:
-                flush()
-        if batch:
-            flush()
+        writer.close()
         bar.close()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
         (tmp / "tokenizer_config.json").write_text(
@@ -160,3 +176,58 @@ def _numel(shape) -> int:
     for x in shape:
         n *= x
     return n
+
+
+def widen_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    expert_ffn: int,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Copy checkpoint `src` with every routed expert's FFN widened to `expert_ffn` by zero
+    padding: gate/up rows and down columns of zeros add silu(0) * 0 = 0 to the output, so
+    the model computes exactly the same function and routes exactly the same way, with
+    experts as many bytes (and as much compute) as a much larger model's."""
+    from .families import ModelConfig
+    from .quantize.checkpoint import Checkpoint
+    from .quantize.convert import _split_names
+
+    ckpt = Checkpoint(src)
+    cfg = ModelConfig.from_hf(ckpt.config)
+    fam = cfg.spec
+    if expert_ffn < cfg.expert_ffn:
+        raise ValueError(f"expert_ffn {expert_ffn} is narrower than the model's {cfg.expert_ffn}")
+    experts, _ = _split_names(ckpt, fam)
+    role_of = {name: role for (_, _, role), name in experts.items()}
+    extra = expert_ffn - cfg.expert_ffn
+    total = sum(
+        _numel(ckpt.shape(n)) * (expert_ffn / cfg.expert_ffn if n in role_of else 1)
+        for n in ckpt.names()
+    )
+    config = {**ckpt.config, fam.expert_ffn_key: expert_ffn}
+    if fam.expert_ffn_key == "intermediate_size" and not all(cfg.moe_layers):
+        raise ValueError(
+            "widening models with dense-FFN layers sharing intermediate_size is not supported"
+        )
+    config["hobbit_widened_from"] = cfg.expert_ffn
+    with staging_dir(Path(out), force) as tmp:
+        bar = tqdm(total=total, unit="param", unit_scale=True, desc="widen", disable=not progress)
+        writer = ShardedSafetensors(tmp)
+        for key in ckpt.names():
+            t = ckpt.read(key)
+            role = role_of.get(key)
+            if role in ("gate", "up"):
+                t = torch.cat([t, t.new_zeros(extra, t.shape[1])], dim=0)
+            elif role == "down":
+                t = torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)
+            writer.add(key, t)
+            bar.update(t.numel())
+        writer.close()
+        bar.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for extra_file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (ckpt.path / extra_file).is_file():
+                (tmp / extra_file).write_bytes((ckpt.path / extra_file).read_bytes())
+    return Path(out)

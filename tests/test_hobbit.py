@@ -96,7 +96,9 @@ def test_hobbit_loads_low_and_skips(model):
     assert s["loads"]["low"] > 0 and s["prefetch_loads"] > 0
     assert set(s["prefetch_recall"]) == {1, 2}
     assert all(0.0 <= r <= 1.0 for r in s["prefetch_recall"].values())
-    assert rt.info["cache_bytes"] <= hobbit_tools.runtime.budget.parse_memory("40%", rt.info["expert_shard_bytes"])
+    assert rt.info["cache_bytes"] <= hobbit_tools.runtime.budget.parse_memory(
+        "40%", rt.info["expert_shard_bytes"]
+    )
 
 
 def test_skip_modes_change_the_output(model):
@@ -110,7 +112,14 @@ def test_skip_modes_change_the_output(model):
 
 
 def test_each_technique_switches_off(model):
-    rt = hobbit_tools.load(model, memory="40%", policy="hobbit", dynamic_precision=False, prefetch_depth=0, cache_policy="lcu")
+    rt = hobbit_tools.load(
+        model,
+        memory="40%",
+        policy="hobbit",
+        dynamic_precision=False,
+        prefetch_depth=0,
+        cache_policy="lcu",
+    )
     s = rt.generate(PROMPT, max_new_tokens=8, stop_at_eos=False).stats
     assert s["served"]["low"] == 0 and s["prefetch_loads"] == 0
     assert rt.info["strategy"]["cache"] == "lcu"
@@ -125,14 +134,35 @@ def test_hobbit_needs_a_low_shard(tmp_path, tokenizer_dir):
 
 def test_trace_replays_what_the_run_did(model, tmp_path):
     trace = tmp_path / "t.jsonl"
-    r = CliRunner().invoke(main, ["run", str(model), "-p", PROMPT, "-n", "12", "--memory", "40%", "--policy", "lru", "--trace", str(trace), "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(model),
+            "-p",
+            PROMPT,
+            "-n",
+            "12",
+            "--memory",
+            "40%",
+            "--policy",
+            "lru",
+            "--trace",
+            str(trace),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     run = json.loads(r.output.splitlines()[-1])["stats"]
     header, records = read_trace(trace)
     assert header["num_layers"] == 4 and len(records) == 4 * 12  # prefill + 11 decode steps
     sim = replay(header, records, memory="40%", cache_policy="lru")
     # the simulation makes the same decisions as the real cache
-    assert (sim["hits"], sim["misses"], sim["bytes_read"]) == (run["hits"], run["misses"], run["bytes_read"])
+    assert (sim["hits"], sim["misses"], sim["bytes_read"]) == (
+        run["hits"],
+        run["misses"],
+        run["bytes_read"],
+    )
 
 
 def test_replay_cli_compares_policies(model, tmp_path):
@@ -141,10 +171,14 @@ def test_replay_cli_compares_policies(model, tmp_path):
     rt.start_trace()
     rt.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
     rt.write_trace(trace)
-    r = CliRunner().invoke(main, ["replay", str(trace), "--memory", "20%,60%", "--json", "--dynamic-precision"])
+    r = CliRunner().invoke(
+        main, ["replay", str(trace), "--memory", "20%,60%", "--json", "--dynamic-precision"]
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
-    assert {(x["memory"], x["cache_policy"]) for x in rows} == {(m, p) for m in ("20%", "60%") for p in ("lru", "lfu", "hobbit", "lcu")}
+    assert {(x["memory"], x["cache_policy"]) for x in rows} == {
+        (m, p) for m in ("20%", "60%") for p in ("lru", "lfu", "hobbit", "lcu")
+    }
     by = {(x["memory"], x["cache_policy"]): x for x in rows}
     assert by[("60%", "lru")]["bytes_read"] <= by[("20%", "lru")]["bytes_read"]
     assert by[("20%", "lru")]["prefetch_recall"]  # predictions were recorded

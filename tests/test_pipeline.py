@@ -23,11 +23,18 @@ def pipeline(*args, cwd=REPO):
 def test_pipeline_end_to_end(tmp_path, tokenizer_dir):
     make_checkpoint("mixtral", tmp_path / "hf", tokenizer_dir, **SHAPE)
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text('[prepare]\nhigh = "Q8_0"\nlow = "Q4_K"\n\n[profile]\nmax_tokens = 400\nmemory = "60%"\n')
+    recipe.write_text(
+        '[prepare]\nhigh = "Q8_0"\nlow = "Q4_K"\n\n[profile]\nmax_tokens = 400\nmemory = "60%"\n'
+    )
     r = pipeline("--recipe", recipe, "--quick", tmp_path / "hf", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     model = tmp_path / "out" / "model"
-    for artifact in ("manifest.json", "hobbit-config.json", "profile-report.md", "experts-low-Q4_K.gguf"):
+    for artifact in (
+        "manifest.json",
+        "hobbit-config.json",
+        "profile-report.md",
+        "experts-low-Q4_K.gguf",
+    ):
         assert (model / artifact).is_file(), artifact
     assert json.loads((tmp_path / "out" / "check.json").read_text())["ok"]
     run = json.loads((tmp_path / "out" / "run.json").read_text())

@@ -37,7 +37,9 @@ def test_fit_recovers_known_thresholds():
 
 def test_fit_keeps_all_high_when_nothing_meets_the_budget():
     cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3})
-    fit = fit_thresholds(lambda a, b: 11.0 if (a, b) != (1.0, 1.0) else 10.0, cost, 10.0, max_evals=100)
+    fit = fit_thresholds(
+        lambda a, b: 11.0 if (a, b) != (1.0, 1.0) else 10.0, cost, 10.0, max_evals=100
+    )
     assert (fit["t1"], fit["t2"]) == (1.0, 1.0)
 
 
@@ -63,7 +65,9 @@ def profiled(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("profiled")
     make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
     hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
-    result = profile(d / "model", memory="50%", max_tokens=600, window=128, trace_tokens=48, quick=True)
+    result = profile(
+        d / "model", memory="50%", max_tokens=600, window=128, trace_tokens=48, quick=True
+    )
     return d, result
 
 
@@ -71,8 +75,19 @@ def test_profile_writes_config_and_report(profiled):
     d, result = profiled
     cfg = json.loads((d / "model" / "hobbit-config.json").read_text())
     assert cfg["kind"] == "hobbit-tuned-config" and cfg["version"] == 1
-    assert set(cfg["runtime"]) >= {"memory", "t1", "t2", "prefetch_depth", "cache_policy", "low_share"}
-    assert cfg["made_for"]["device"]["cpu_count"] if "cpu_count" in cfg["made_for"]["device"] else cfg["made_for"]["device"]
+    assert set(cfg["runtime"]) >= {
+        "memory",
+        "t1",
+        "t2",
+        "prefetch_depth",
+        "cache_policy",
+        "low_share",
+    }
+    assert (
+        cfg["made_for"]["device"]["cpu_count"]
+        if "cpu_count" in cfg["made_for"]["device"]
+        else cfg["made_for"]["device"]
+    )
     report = (d / "model" / "profile-report.md").read_text()
     assert "## Chosen settings" in report and "## Why" in report
     assert result["device"]["ram_gbps"] > 0

@@ -1,0 +1,72 @@
+"""hobbit bench and the benchmark-model makers."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import make_checkpoint
+
+import hobbit_tools
+from hobbit_tools.cli import main
+from hobbit_tools.synth import SynthShape, make_random_checkpoint, widen_checkpoint
+
+SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
+             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("bench")
+    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
+    return d
+
+
+def test_widening_preserves_the_function(hf):
+    widen_checkpoint(hf / "hf", hf / "wide", expert_ffn=768)
+    hobbit_tools.prepare(hf / "hf", hf / "m1", high="F32")
+    hobbit_tools.prepare(hf / "wide", hf / "m2", high="F32")
+    a, b = hobbit_tools.load(hf / "m1"), hobbit_tools.load(hf / "m2")
+    ids = a.encode("Friends, Romans, countrymen, lend me your ears")
+    assert torch.allclose(a.logits(ids), b.logits(ids), atol=1e-5)
+    m1 = json.loads((hf / "m1" / "manifest.json").read_text())
+    m2 = json.loads((hf / "m2" / "manifest.json").read_text())
+    assert m2["expert_bytes"]["high"] == 3 * m1["expert_bytes"]["high"]
+
+
+def test_random_checkpoint_prepares(tmp_path):
+    shape = SynthShape(hidden=256, ffn=512, layers=2, experts=4, heads=4, kv_heads=2, vocab=512)
+    make_random_checkpoint(tmp_path / "hf", shape, shard_bytes=1 << 20)
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    m = hobbit_tools.prepare(tmp_path / "hf", tmp_path / "m")
+    assert m["num_experts"] == 4 and m["types"]["high"] == "BF16"
+
+
+def test_bench_runs_strategies_side_by_side(hf, tmp_path):
+    hobbit_tools.prepare(hf / "hf", hf / "paired", high="Q8_0", low="Q4_K")
+    plot = tmp_path / "bench.png"
+    r = CliRunner().invoke(
+        main,
+        ["bench", str(hf / "paired"), "--memory", "30%,60%", "--policies", "resident,lru,hobbit",
+         "-n", "6", "--json", "--plot", str(plot)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    runs = {(x["policy"], x["memory"]): x for x in out["runs"]}
+    assert set(runs) == {
+        ("resident", "all"),
+        ("lru", "30%"),
+        ("hobbit", "30%"),
+        ("lru", "60%"),
+        ("hobbit", "60%"),
+    }
+    assert runs[("lru", "30%")]["speedup_vs_lru"] == 1.0
+    assert runs[("resident", "all")]["bytes_read_per_token"] == 0
+    assert (
+        runs[("lru", "30%")]["bytes_read_per_token"]
+        >= runs[("lru", "60%")]["bytes_read_per_token"]
+        > 0
+    )
+    assert runs[("hobbit", "30%")]["share"]["low"] > 0
+    assert out["bound_tokens_per_s"] > 0 and out["direct_read_gbps"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
