@@ -90,7 +90,11 @@ def test_llamacpp_split_names_point_at_the_shards(mixtral):
 
 def test_bf16_model_runs_close_to_transformers(mixtral):
     d, ref, _ = mixtral
-    rt = hobbit_tools.load(d / "model")
+    from hobbit_tools.runtime.kernels import native_bf16_gemm
+
+    default = hobbit_tools.load(d / "model").info["dtype"]
+    assert default == ("bfloat16" if native_bf16_gemm() else "float32")
+    rt = hobbit_tools.load(d / "model", dtype="bfloat16")
     assert rt.info["dtype"] == "bfloat16"
     ids = rt.encode("Now is the winter of our discontent")
     got = rt.logits(ids)

@@ -142,9 +142,17 @@ def build_model(
 
 
 def compute_dtype(files: ModelFiles, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype asked for; by default the dense shard's, except that 16-bit shards compute
+    in float32 on CPUs without a native bf16/fp16 GEMM (no AVX512-BF16 or AMX), where a
+    16-bit matmul is several times slower than a float32 one (measured: docs/benchmarks.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    key = (dtype or files.manifest["types"]["dense"]).upper()
+    if dtype is None:
+        from .kernels import native_bf16_gemm
+
+        dense = files.manifest["types"]["dense"]
+        return COMPUTE_DTYPES["F32" if dense == "F32" or not native_bf16_gemm() else dense]
+    key = dtype.upper().replace("FLOAT", "F").replace("BFLOAT", "BF")
     if key not in COMPUTE_DTYPES:
         raise HobbitError(f"dtype {dtype} is not one of {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[key]
