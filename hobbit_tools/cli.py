@@ -101,9 +101,9 @@ def _load(
     "--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype."
 )
 @click.option(
-    "--high", help="Type of the high-precision expert shard. Default: the checkpoint's dtype."
+    "--high", help="Type of the high-precision expert shard. Default: Q8_0 where the shapes allow, else the checkpoint's dtype."
 )
-@click.option("--low", help="Type of the low-precision expert shard (optional).")
+@click.option("--low", help="Type of the low-precision expert shard, or 'none'. Default: Q4_K where the shapes allow.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
     "--recipe", help="Preset (a name in recipes/ or a TOML path) giving the types; flags win."

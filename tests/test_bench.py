@@ -39,7 +39,7 @@ def test_random_checkpoint_prepares(tmp_path):
     make_random_checkpoint(tmp_path / "hf", shape, shard_bytes=1 << 20)
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
     m = hobbit_tools.prepare(tmp_path / "hf", tmp_path / "m")
-    assert m["num_experts"] == 4 and m["types"]["high"] == "BF16"
+    assert m["num_experts"] == 4 and m["types"] == {"dense": "BF16", "high": "Q8_0", "low": "Q4_K"}
 
 
 def test_bench_runs_strategies_side_by_side(hf, tmp_path):

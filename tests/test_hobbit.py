@@ -127,7 +127,7 @@ def test_each_technique_switches_off(model):
 
 def test_hobbit_needs_a_low_shard(tmp_path, tokenizer_dir):
     make_checkpoint("mixtral", tmp_path / "hf", tokenizer_dir, **SHAPE)
-    hobbit_tools.prepare(tmp_path / "hf", tmp_path / "model", high="Q8_0")
+    hobbit_tools.prepare(tmp_path / "hf", tmp_path / "model", high="Q8_0", low="none")
     with pytest.raises(HobbitError, match="no low-precision shard"):
         hobbit_tools.load(tmp_path / "model", memory="40%", policy="hobbit")
 

@@ -54,9 +54,14 @@ class Precision:
         return f"experts-{self.name}-{self.qtype}.gguf"
 
 
-def default_types(source_dtype: str) -> dict[str, str | None]:
-    """Sensible defaults by checkpoint dtype: keep the source precision for dense and high."""
-    return {"dense": source_dtype, "high": source_dtype, "low": None}
+def default_types(source_dtype: str, cfg: ModelConfig) -> dict[str, str | None]:
+    """Defaults: dense tensors keep the checkpoint's dtype; experts go to Q8_0 (near-lossless,
+    half of BF16's bytes) paired with Q4_K (a quarter, with error-minimising scales), as far
+    as the expert shapes allow block quantization; otherwise the source dtype, unpaired."""
+    dims = (cfg.hidden_size, cfg.expert_ffn)
+    high = "Q8_0" if all(d % 32 == 0 for d in dims) else source_dtype
+    low = "Q4_K" if all(d % 256 == 0 for d in dims) else ("Q4_0" if high == "Q8_0" else None)
+    return {"dense": source_dtype, "high": high, "low": low}
 
 
 def prepare(
@@ -73,11 +78,12 @@ def prepare(
     ckpt = Checkpoint(src)
     cfg = ModelConfig.from_hf(ckpt.config)
     fam = cfg.spec
-    defaults = default_types(ckpt.source_dtype())
+    defaults = default_types(ckpt.source_dtype(), cfg)
     dense = _check_type(dense or defaults["dense"], "--dense", FLOAT_TYPES)
     precisions = [Precision("high", _check_type(high or defaults["high"], "--high"))]
-    if low or defaults["low"]:
-        precisions.append(Precision("low", _check_type(low or defaults["low"], "--low")))
+    low = defaults["low"] if low is None else (None if str(low).lower() == "none" else low)
+    if low:
+        precisions.append(Precision("low", _check_type(low, "--low")))
 
     experts, dense_names = _split_names(ckpt, fam)
     _check_experts(ckpt, cfg, experts)
