@@ -93,14 +93,41 @@ def _direct_gbps(model_dir) -> float | None:
     return max((p.gbps for p in probes), default=None)
 
 
+def parse_policy(spec: str) -> dict:
+    """A strategy name with optional switches, for ablations: "hobbit", "hobbit:no-prefetch",
+    "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1" (joined by ':')."""
+    name, *switches = spec.split(":")
+    options: dict = {"policy": name}
+    for sw in switches:
+        if sw == "no-prefetch":
+            options["prefetch_depth"] = 0
+        elif sw == "no-dynamic-precision":
+            options["dynamic_precision"] = False
+        elif sw == "dynamic-precision":
+            options["dynamic_precision"] = True
+        elif sw.startswith("cache="):
+            options["cache_policy"] = sw.removeprefix("cache=")
+        elif sw.startswith("prefetch="):
+            options["prefetch_depth"] = int(sw.removeprefix("prefetch="))
+        else:
+            from .errors import HobbitError
+
+            raise HobbitError(
+                f"unknown switch {sw!r} in policy {spec!r} (use no-prefetch, no-dynamic-precision, "
+                "dynamic-precision, cache=NAME, prefetch=N)"
+            )
+    return options
+
+
 def _run(model_dir, memory, policy, prompts, max_new_tokens, precision, text, ppl_tokens) -> dict:
     t0 = time.perf_counter()
+    options = parse_policy(policy)
     rt = load(
         model_dir,
         precision=precision,
-        memory=None if policy in BUDGET_FREE else memory,
-        policy=policy,
+        memory=None if options["policy"] in BUDGET_FREE else memory,
         max_context=512,
+        **options,
     )
     load_s = time.perf_counter() - t0
     decode_tokens = decode_s = prefill_s = 0.0

@@ -57,6 +57,8 @@ def runtime_options(f):
                      help="Tuned config to use (default: hobbit-config.json next to the shards, "
                      "when no --policy is given)."),
         click.option("--no-config", is_flag=True, help="Ignore any tuned config."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Compute dtype (default: the dense shard's; float32 on CPUs without a fast bf16 GEMM)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -101,9 +103,13 @@ def _load(
     "--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype."
 )
 @click.option(
-    "--high", help="Type of the high-precision expert shard. Default: Q8_0 where the shapes allow, else the checkpoint's dtype."
+    "--high",
+    help="Type of the high-precision expert shard. Default: Q8_0 where the shapes allow, else the checkpoint's dtype.",
 )
-@click.option("--low", help="Type of the low-precision expert shard, or 'none'. Default: Q4_K where the shapes allow.")
+@click.option(
+    "--low",
+    help="Type of the low-precision expert shard, or 'none'. Default: Q4_K where the shapes allow.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
     "--recipe", help="Preset (a name in recipes/ or a TOML path) giving the types; flags win."

@@ -47,7 +47,7 @@ def test_bench_runs_strategies_side_by_side(hf, tmp_path):
     plot = tmp_path / "bench.png"
     r = CliRunner().invoke(
         main,
-        ["bench", str(hf / "paired"), "--memory", "30%,60%", "--policies", "resident,lru,hobbit",
+        ["bench", str(hf / "paired"), "--memory", "45%,70%", "--policies", "resident,lru,hobbit",
          "-n", "6", "--json", "--plot", str(plot)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -55,18 +55,18 @@ def test_bench_runs_strategies_side_by_side(hf, tmp_path):
     runs = {(x["policy"], x["memory"]): x for x in out["runs"]}
     assert set(runs) == {
         ("resident", "all"),
-        ("lru", "30%"),
-        ("hobbit", "30%"),
-        ("lru", "60%"),
-        ("hobbit", "60%"),
+        ("lru", "45%"),
+        ("hobbit", "45%"),
+        ("lru", "70%"),
+        ("hobbit", "70%"),
     }
-    assert runs[("lru", "30%")]["speedup_vs_lru"] == 1.0
+    assert runs[("lru", "45%")]["speedup_vs_lru"] == 1.0
     assert runs[("resident", "all")]["bytes_read_per_token"] == 0
     assert (
-        runs[("lru", "30%")]["bytes_read_per_token"]
-        >= runs[("lru", "60%")]["bytes_read_per_token"]
+        runs[("lru", "45%")]["bytes_read_per_token"]
+        >= runs[("lru", "70%")]["bytes_read_per_token"]
         > 0
     )
-    assert runs[("hobbit", "30%")]["share"]["low"] > 0
+    assert runs[("hobbit", "45%")]["share"]["low"] > 0
     assert out["bound_tokens_per_s"] > 0 and out["direct_read_gbps"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,13 +19,21 @@ Linear = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> [T, out]
 
 @dataclass
 class Expert:
+    """down(silu(gate(x)) * up(x)), computed in the kernels' dtype (`dtype`), which may differ
+    from the model's: quantized kernels take bf16 activations even where the dense part runs
+    in float32."""
+
     gate: Linear
     up: Linear
     down: Linear
     nbytes: int = 0
+    dtype: torch.dtype | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.dtype is None or self.dtype == x.dtype:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        xk = x.to(self.dtype)
+        return self.down(F.silu(self.gate(xk)) * self.up(xk)).to(x.dtype)
 
 
 class ExpertBackend(Protocol):

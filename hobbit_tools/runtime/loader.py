@@ -117,20 +117,21 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
 
 
 def load_resident_experts(files: ModelFiles, precision: str, dtype: torch.dtype) -> ResidentExperts:
-    """Every expert read once (direct I/O, checksum verified) and kept: the `resident` baseline."""
-    from .io import aligned_buffer
-    from .store import ExpertStore
+    """Every expert read once (direct I/O, checksum verified) into one arena and kept: the
+    `resident` baseline."""
+    from .store import ExpertStore, SlotArena
 
     store = ExpertStore(files, [precision], dtype)
-    p = store.p[precision]
-    buf = aligned_buffer(p.slot_bytes)  # reused: from_raw keeps no reference to it
-    experts = {
-        layer: [store.read(layer, e, precision, buf) for e in range(files.config.num_experts)]
-        for layer, is_moe in enumerate(files.config.moe_layers)
-        if is_moe
-    }
+    cfg = files.config
+    keys = [(layer, e) for layer, m in enumerate(cfg.moe_layers) if m for e in range(cfg.num_experts)]
+    arena = SlotArena(store.p[precision].slot_bytes, len(keys))
+    experts: dict[int, list] = {}
+    for i, (layer, e) in enumerate(keys):
+        experts.setdefault(layer, []).append(store.read(layer, e, precision, arena.view(i)))
     store.close()
-    return ResidentExperts(experts)
+    backend = ResidentExperts(experts)
+    backend.arena = arena  # the experts' tensors live in it
+    return backend
 
 
 def build_model(

@@ -1,13 +1,16 @@
 """Where every expert's bytes are on disk, and reading one into a memory slot.
 
 An expert is three slices (gate, up, down) of its layer's stacked tensors in a precision's
-shard. `ExpertStore.read(layer, expert, precision, slot)` reads them with direct I/O into the
-slot, checks the manifest's crc32, and returns an `Expert` whose linears view the slot's bytes
-(converted for the kernel where the type needs it). Mechanism only: no policy here.
+shard. `ExpertStore.read(layer, expert, precision, slot)` reads them with direct I/O into a
+per-thread staging buffer, checks the manifest's crc32, converts them for the kernel
+(`QLinear.from_raw`), and moves the converted tensors into the slot: a cached expert lives
+entirely in its arena slot, so the cache's bytes are exactly its slots' bytes and a load
+allocates nothing that outlives it. Mechanism only: no policy here.
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -17,9 +20,11 @@ import torch
 from ..errors import HobbitError
 from ..quantize.layout import ROLES, expert_tensor_name
 from .experts import Expert
-from .io import BLOCK, ShardFile, align_up
+from .io import BLOCK, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
 from .loader import ModelFiles
+
+ALIGN = 64  # tensors placed in a slot start on cache-line boundaries
 
 
 @dataclass(frozen=True)
@@ -37,17 +42,19 @@ class Precision:
     slices: dict[tuple[int, int], tuple[Slice, Slice, Slice]]  # (layer, expert) -> gate, up, down
     crc: dict[tuple[int, int], int]
     expert_bytes: int  # on disk, gate+up+down
-    slot_bytes: int  # what a slot needs: each slice widened to block boundaries
+    staging_bytes: int  # raw read: each slice widened to block boundaries
+    slot_bytes: int = 0  # one expert converted for the kernel, as laid out in a slot
 
 
 class ExpertStore:
-    def __init__(
-        self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True
-    ):
+    def __init__(self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True):
         self.files = files
-        self.dtype = dtype
+        self.dtype = dtype  # the model's compute dtype; see kernel_dtype
         self.verify = True
+        self._local = threading.local()
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
+        for p in self.p.values():
+            p.slot_bytes = self._measure_slot(p)
 
     def _open(self, name: str, direct: bool) -> Precision:
         shard = self.files.experts(name)  # validates presence and header
@@ -68,18 +75,44 @@ class ExpertStore:
                 if str(layer) in crcs:
                     crc[(layer, e)] = int(crcs[str(layer)][e], 16)
         some = next(iter(slices.values()))
-        expert_bytes = sum(s.nbytes for s in some)
-        slot_bytes = sum(align_up(s.nbytes) + BLOCK for s in some)
         qtype = shard.tensors[expert_tensor_name(cfg.moe_layers.index(True), "gate")].qtype
-        return Precision(name, qtype, file, slices, crc, expert_bytes, slot_bytes)
+        return Precision(
+            name,
+            qtype,
+            file,
+            slices,
+            crc,
+            expert_bytes=sum(s.nbytes for s in some),
+            staging_bytes=sum(align_up(s.nbytes) + BLOCK for s in some),
+        )
+
+    def _measure_slot(self, p: Precision) -> int:
+        """Bytes one converted expert takes in a slot (all experts share their shapes)."""
+        layer, e = next(iter(p.slices))
+        linears = self._convert(p, self._stage(p, layer, e))
+        return sum(_placed_size(lin) for lin in linears)
 
     def read(self, layer: int, expert: int, precision: str, slot: np.ndarray) -> Expert:
-        """Runs on an I/O thread: read, verify, and make the expert ready for the kernel."""
+        """Runs on an I/O thread: read, verify, convert, and place the expert in `slot`."""
         p = self.p[precision]
+        linears = self._convert(p, self._stage(p, layer, expert))
+        offset = 0
+        for lin in linears:
+            offset = _place(lin, slot, offset)
+        return Expert(*linears, nbytes=offset, dtype=self.kernel_dtype(p.qtype))
+
+    def kernel_dtype(self, qtype: str) -> torch.dtype:
+        """Quantized experts run their int kernels on bf16 activations (float32 would take the
+        kernels' dequantize-everything accuracy mode: 4 bytes a weight in the cache); float
+        shards run in the model's dtype."""
+        return self.dtype if qtype in ("F32", "F16", "BF16") else torch.bfloat16
+
+    def _stage(self, p: Precision, layer: int, expert: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        staging = self._staging(p)
         parts, pos, crc = [], 0, 0
         for s in p.slices[(layer, expert)]:
             width = align_up(s.nbytes) + BLOCK
-            view = p.file.read_into(slot[pos : pos + width], s.offset, s.nbytes)
+            view = p.file.read_into(staging[pos : pos + width], s.offset, s.nbytes)
             crc = zlib.crc32(view, crc) if self.verify else crc
             parts.append((view, s.shape))
             pos += width
@@ -90,15 +123,51 @@ class ExpertStore:
                 f"(crc32 {crc:08x}, manifest says {want:08x}); the shard is corrupt: "
                 "re-run `hobbit prepare`"
             )
-        linears = [
-            QLinear.from_raw(torch.from_numpy(view).reshape(s[0], -1), p.qtype, s, self.dtype)
-            for view, s in parts
+        return parts
+
+    def _convert(self, p: Precision, parts) -> list[QLinear]:
+        return [
+            QLinear.from_raw(torch.from_numpy(view).reshape(shape[0], -1), p.qtype, shape, self.kernel_dtype(p.qtype))
+            for view, shape in parts
         ]
-        return Expert(*linears, nbytes=p.expert_bytes)
+
+    def _staging(self, p: Precision) -> np.ndarray:
+        """This thread's aligned buffer for raw reads, grown to the largest precision."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < p.staging_bytes:
+            buf = self._local.buf = aligned_buffer(max(s.staging_bytes for s in self.p.values()) if self.p else p.staging_bytes)
+        return buf
 
     def close(self) -> None:
         for p in self.p.values():
             p.file.close()
+
+
+def _tensors(lin: QLinear):
+    return [(k, v) for k, v in vars(lin).items() if isinstance(v, torch.Tensor)]
+
+
+def _placed_size(lin: QLinear) -> int:
+    offset = 0
+    for _, t in _tensors(lin):
+        offset = _aligned(offset) + t.numel() * t.element_size()
+    return _aligned(offset)
+
+
+def _place(lin: QLinear, slot: np.ndarray, offset: int) -> int:
+    """Move lin's tensors into slot memory from `offset`; returns the offset after them."""
+    for name, t in _tensors(lin):
+        offset = _aligned(offset)
+        n = t.numel() * t.element_size()
+        dst = torch.from_numpy(slot[offset : offset + n]).view(t.dtype).view(t.shape)
+        dst.copy_(t)
+        setattr(lin, name, dst)
+        offset += n
+    return _aligned(offset)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
 class SlotArena:
@@ -106,9 +175,7 @@ class SlotArena:
     allocate, so memory cannot fragment or grow."""
 
     def __init__(self, slot_bytes: int, n: int):
-        from .io import aligned_buffer
-
-        self.slot_bytes = align_up(slot_bytes)
+        self.slot_bytes = _aligned(slot_bytes)
         self.n = n
         self.buf = aligned_buffer(self.slot_bytes * n) if n else np.empty(0, np.uint8)
         self.free = list(range(n - 1, -1, -1))
