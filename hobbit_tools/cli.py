@@ -41,8 +41,8 @@ def runtime_options(f):
     options = [
         click.option("--precision", default="high", show_default=True, type=click.Choice(["high", "low"]),
                      help="Which expert shard serves when dynamic precision is off."),
-        click.option("--memory", help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of "
-                     "the high-precision expert bytes (30%). Given, experts are read from disk on demand."),
+        click.option("--memory", help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of what "
+                     "all experts take in memory at high precision (30%). Given, experts are read from disk on demand."),
         click.option("--policy", type=click.Choice(["resident", "ondemand", "lru", "lfu", "lru+prefetch", "hobbit"]),
                      help="Offloading strategy. Default: resident without --memory, lru with it. "
                      "hobbit = dynamic precision + adaptive prefetch + multidimensional cache."),
@@ -246,7 +246,7 @@ def run(
         f"{s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.2f} tok/s | "
         f"{info['precision']} experts ({info['expert_type']}), {info['dtype']}]\n"
         f"[experts: {info['policy']}, cache {_gib(info['cache_bytes'])} of "
-        f"{_gib(info['expert_shard_bytes'])}, hit rate {s['hit_rate']:.0%}{mix}, "
+        f"{_gib(info['full_cache_bytes'])}, hit rate {s['hit_rate']:.0%}{mix}, "
         f"read {_gib(s['bytes_read'])}, waited {s['io_wait_s']:.2f} s on I/O | "
         f"peak RSS {_gib(s['peak_rss_bytes'])}]",
         err=True,

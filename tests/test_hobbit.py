@@ -97,7 +97,7 @@ def test_hobbit_loads_low_and_skips(model):
     assert set(s["prefetch_recall"]) == {1, 2}
     assert all(0.0 <= r <= 1.0 for r in s["prefetch_recall"].values())
     assert rt.info["cache_bytes"] <= hobbit_tools.runtime.budget.parse_memory(
-        "40%", rt.info["expert_shard_bytes"]
+        "40%", rt.info["full_cache_bytes"]
     )
 
 

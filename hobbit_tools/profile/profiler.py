@@ -205,7 +205,12 @@ def _ppl(model, ids: list[int], window: int) -> float:
 
 
 def _budget(files: ModelFiles, memory, model) -> int:
-    total = files.manifest["expert_shard_bytes"]["high"]
+    from ..runtime.store import ExpertStore
+    from ..runtime.strategy import full_cache_bytes
+
+    store = ExpertStore(files, ["high"], compute_dtype(files, None))
+    total = full_cache_bytes(files, store.p["high"].slot_bytes)
+    store.close()
     if memory is not None:
         return parse_memory(memory, total)
     available = _mem_available()

@@ -10,7 +10,7 @@ import torch
 from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import ModelFiles, build_model, compute_dtype, tokenizer
-from .strategy import STRATEGIES, Strategy, build_backend, strategy
+from .strategy import STRATEGIES, Strategy, build_backend, full_cache_bytes, strategy
 
 __all__ = ["Chunk", "Generation", "Runtime", "SamplingParams", "STRATEGIES", "Strategy", "load"]
 
@@ -32,8 +32,8 @@ def load(
     """Load a prepared model dir.
 
     precision: which expert shard serves when dynamic precision is off ("high" or "low").
-    memory: expert cache budget: bytes, "1.5GiB", or a share of the high-precision expert
-        bytes ("30%"). Given, experts are offloaded: read from the shards on demand.
+    memory: expert cache budget: bytes, "1.5GiB", or a share ("30%") of what all experts
+        take in memory at high precision. Given, experts are offloaded: read on demand.
     policy: "resident" (all experts loaded up front; the default without `memory`), "lru"
         (the default with it), "lfu", "ondemand" (no cache), "lru+prefetch", or "hobbit"
         (dynamic precision + adaptive prefetch + multidimensional cache). Switches override
@@ -92,6 +92,9 @@ def load(
         "dense_bytes": model.dense_bytes,
         "kv_bytes": model.cache.nbytes,
         "expert_shard_bytes": files.manifest["expert_shard_bytes"]["high"],
+        "full_cache_bytes": full_cache_bytes(
+            files, backend.store.p["high"].slot_bytes if hasattr(backend, "store") else backend.arena.slot_bytes
+        ),
         "config": tuned["path"] if tuned else None,
     }
     return Runtime(model, tokenizer(files), info)

@@ -279,6 +279,7 @@ class OffloadedExperts:
             "version": 1,
             "model": str(self.store.files.dir),
             "num_layers": cfg.num_layers,
+            "moe_layers": sum(cfg.moe_layers),
             "num_experts": cfg.num_experts,
             "top_k": cfg.top_k,
             "expert_bytes": {p: v.expert_bytes for p, v in self.store.p.items()},

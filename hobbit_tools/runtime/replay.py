@@ -54,8 +54,8 @@ def replay(
 ) -> dict:
     """Simulate the cache over a trace. rule None: every expert at high precision."""
     expert_bytes, slot_bytes = header["expert_bytes"], header["slot_bytes"]
-    high_total = expert_bytes["high"] * header["num_experts"] * header["num_layers"]
-    budget = parse_memory(memory, high_total)
+    moe_layers = header.get("moe_layers", header["num_layers"])
+    budget = parse_memory(memory, slot_bytes["high"] * header["num_experts"] * moe_layers)
     if rule is not None and "low" not in slot_bytes:
         raise HobbitError("this trace has no low-precision shard sizes; it was recorded without one")
     if rule is None:

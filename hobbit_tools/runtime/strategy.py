@@ -66,7 +66,7 @@ def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype,
                 "no low-precision shard: prepare with --low TYPE, or pass --no-dynamic-precision"
             )
         precisions = ["high", "low"]
-    store = ExpertStore(files, precisions, dtype)
+    store = ExpertStore(files, sorted(set(precisions) | {"high"}), dtype)
     slot = {p: store.p[p].slot_bytes for p in precisions}
     if memory is None:
         if s.cache != "ondemand":
@@ -74,7 +74,7 @@ def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype,
             raise HobbitError(f"policy {s.name} caches experts: give a memory budget, e.g. --memory 30%")
         budget = cfg.top_k * max(slot.values())
     else:
-        budget = parse_memory(memory, files.manifest["expert_shard_bytes"]["high"])
+        budget = parse_memory(memory, full_cache_bytes(files, store.p["high"].slot_bytes))
     if s.dynamic_precision:
         budgets = {"low": int(budget * s.low_share)}
         budgets["high"] = budget - budgets["low"]
@@ -104,3 +104,10 @@ def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype,
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
     router = RouterView(routers, model.select) if s.prefetch_depth else None
     return OffloadedExperts(store, budgets, policy, options, router)
+
+
+def full_cache_bytes(files: ModelFiles, high_slot_bytes: int) -> int:
+    """What every expert takes held at high precision, ready for the kernel: the base of a
+    percentage budget ("30%" = room for 30% of the experts at high precision)."""
+    cfg = files.config
+    return sum(cfg.moe_layers) * cfg.num_experts * high_slot_bytes
