@@ -130,3 +130,25 @@ def test_manifest_of_another_format_version(paired, tmp_path):
     with pytest.raises(HobbitError, match="format version 99"):
         hobbit_tools.load(bad)
     assert run("prepare", bad, "--check").exit_code == 1
+
+
+def test_quality_degrades_q8_0_then_q4_k_then_q2_k(paired, tmp_path):
+    """Logits against an F32 reference: Q8_0 close (top-1 agreement, small KL), then Q4_K,
+    then Q2_K, each further away; each generates."""
+    import torch
+
+    hobbit_tools.prepare(paired / "hf", tmp_path / "f32", high="F32", low="none")
+    hobbit_tools.prepare(paired / "hf", tmp_path / "q2", high="Q2_K", low="none")
+    ref_rt = hobbit_tools.load(tmp_path / "f32")
+    ids = ref_rt.encode("The quality of mercy is not strained; it droppeth as the gentle rain from heaven")
+    ref = torch.log_softmax(ref_rt.logits(ids), -1)
+    kl, top1 = {}, {}
+    for name, model, precision in [("Q8_0", paired / "model", "high"), ("Q4_K", paired / "model", "low"),
+                                   ("Q2_K", tmp_path / "q2", "high")]:  # fmt: skip
+        rt = hobbit_tools.load(model, precision=precision)
+        got = torch.log_softmax(rt.logits(ids), -1)
+        kl[name] = float((ref.exp() * (ref - got)).sum(-1).mean())
+        top1[name] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        assert len(rt.generate(ids, max_new_tokens=4, stop_at_eos=False).token_ids) == 4
+    assert kl["Q8_0"] < kl["Q4_K"] < kl["Q2_K"], kl
+    assert kl["Q8_0"] < 1e-3 and top1["Q8_0"] >= 0.95, (kl, top1)
