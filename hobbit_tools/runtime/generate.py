@@ -151,7 +151,7 @@ class Runtime:
             logits = self.model.forward(step)
             forwards += 1
             now = experts.stats()
-            per_token.append({k: now[k] - last[k] for k in ("hits", "misses", "bytes_read")})
+            per_token.append({k: now[k] - last[k] for k in ("hits", "misses", "bytes_read", "io_wait_s")})
             last = now
         t_decode = time.perf_counter() - t1
         if reason != "stop":
