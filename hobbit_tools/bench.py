@@ -56,7 +56,9 @@ def bench(
         r["speedup_vs_lru"] = r["decode_tokens_per_s"] / base if base else None
     gbps = _direct_gbps(model_dir)
     # the least compute per token any run showed (runs on a shared machine are noisy upwards)
-    compute = min((r["compute_s_per_token"] for r in runs if r["compute_s_per_token"]), default=None)
+    compute = min(
+        (r["compute_s_per_token"] for r in runs if r["compute_s_per_token"]), default=None
+    )
     for r in runs:
         r["bound_tokens_per_s"] = _bound(r["bytes_read_per_token"], gbps, compute)
     offloaded = [r for r in runs if r["policy"] not in BUDGET_FREE]

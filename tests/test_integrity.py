@@ -140,7 +140,9 @@ def test_quality_degrades_q8_0_then_q4_k_then_q2_k(paired, tmp_path):
     hobbit_tools.prepare(paired / "hf", tmp_path / "f32", high="F32", low="none")
     hobbit_tools.prepare(paired / "hf", tmp_path / "q2", high="Q2_K", low="none")
     ref_rt = hobbit_tools.load(tmp_path / "f32")
-    ids = ref_rt.encode("The quality of mercy is not strained; it droppeth as the gentle rain from heaven")
+    ids = ref_rt.encode(
+        "The quality of mercy is not strained; it droppeth as the gentle rain from heaven"
+    )
     ref = torch.log_softmax(ref_rt.logits(ids), -1)
     kl, top1 = {}, {}
     for name, model, precision in [("Q8_0", paired / "model", "high"), ("Q4_K", paired / "model", "low"),

@@ -93,7 +93,10 @@ def load(
         "kv_bytes": model.cache.nbytes,
         "expert_shard_bytes": files.manifest["expert_shard_bytes"]["high"],
         "full_cache_bytes": full_cache_bytes(
-            files, backend.store.p["high"].slot_bytes if hasattr(backend, "store") else backend.arena.slot_bytes
+            files,
+            backend.store.p["high"].slot_bytes
+            if hasattr(backend, "store")
+            else backend.arena.slot_bytes,
         ),
         "config": tuned["path"] if tuned else None,
     }

@@ -75,7 +75,9 @@ class Runtime:
     def start_trace(self) -> None:
         """Record routing and cache actions of the following generations (offloaded only)."""
         if not hasattr(self.model.experts, "start_trace"):
-            raise HobbitError("a trace records what the expert cache did: give --memory or an offloading policy")
+            raise HobbitError(
+                "a trace records what the expert cache did: give --memory or an offloading policy"
+            )
         self.model.experts.start_trace()
 
     def write_trace(self, path) -> None:
@@ -151,7 +153,9 @@ class Runtime:
             logits = self.model.forward(step)
             forwards += 1
             now = experts.stats()
-            per_token.append({k: now[k] - last[k] for k in ("hits", "misses", "bytes_read", "io_wait_s")})
+            per_token.append(
+                {k: now[k] - last[k] for k in ("hits", "misses", "bytes_read", "io_wait_s")}
+            )
             last = now
         t_decode = time.perf_counter() - t1
         if reason != "stop":

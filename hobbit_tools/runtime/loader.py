@@ -123,7 +123,9 @@ def load_resident_experts(files: ModelFiles, precision: str, dtype: torch.dtype)
 
     store = ExpertStore(files, [precision], dtype)
     cfg = files.config
-    keys = [(layer, e) for layer, m in enumerate(cfg.moe_layers) if m for e in range(cfg.num_experts)]
+    keys = [
+        (layer, e) for layer, m in enumerate(cfg.moe_layers) if m for e in range(cfg.num_experts)
+    ]
     arena = SlotArena(store.p[precision].slot_bytes, len(keys))
     experts: dict[int, list] = {}
     for i, (layer, e) in enumerate(keys):

@@ -192,7 +192,9 @@ class OffloadedExperts:
             return weights
         kept = weights.masked_fill(level == SKIP, 0.0)
         if self.o.skip == "renormalize":
-            kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-12))
+            kept = kept * (
+                weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-12)
+            )
         return kept
 
     def _lookup(self, layer: int, e: int, want: int, has_top1: bool) -> Entry | None:

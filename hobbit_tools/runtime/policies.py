@@ -150,7 +150,9 @@ def make_policy(name: str, num_layers: int = 1, low_over_high: float = 0.5, weig
     from ..errors import HobbitError
 
     if name not in POLICIES:
-        raise HobbitError(f"unknown cache policy {name!r} (choose from {', '.join(CACHE_POLICIES)})")
+        raise HobbitError(
+            f"unknown cache policy {name!r} (choose from {', '.join(CACHE_POLICIES)})"
+        )
     cls = POLICIES[name]
     if issubclass(cls, _SequenceCounts):
         return cls(num_layers, low_over_high, **({"weights": weights} if weights else {}))

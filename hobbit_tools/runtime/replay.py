@@ -36,7 +36,9 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
         lines = Path(path).read_text().splitlines()
         header = json.loads(lines[0])
     except (OSError, IndexError, json.JSONDecodeError) as e:
-        raise HobbitError(f"{path} is not a readable trace ({e}); record one with `hobbit run --trace`") from e
+        raise HobbitError(
+            f"{path} is not a readable trace ({e}); record one with `hobbit run --trace`"
+        ) from e
     if header.get("kind") != "hobbit-trace":
         raise HobbitError(f"{path} is not a hobbit trace (no hobbit-trace header)")
     return header, [json.loads(line) for line in lines[1:] if line.strip()]
@@ -57,7 +59,9 @@ def replay(
     moe_layers = header.get("moe_layers", header["num_layers"])
     budget = parse_memory(memory, slot_bytes["high"] * header["num_experts"] * moe_layers)
     if rule is not None and "low" not in slot_bytes:
-        raise HobbitError("this trace has no low-precision shard sizes; it was recorded without one")
+        raise HobbitError(
+            "this trace has no low-precision shard sizes; it was recorded without one"
+        )
     if rule is None:
         slots = {"high": budget // slot_bytes["high"]}
     else:
@@ -90,7 +94,9 @@ def replay(
                 continue
             want = HIGH if bool((lv[keep] == HIGH).any()) else LOW
             has_top1 = bool(top1[mask][keep].any())
-            choice = serve_from(sim.has((layer, e, "high")), sim.has((layer, e, "low")), want, has_top1)
+            choice = serve_from(
+                sim.has((layer, e, "high")), sim.has((layer, e, "low")), want, has_top1
+            )
             n = int(keep.sum())
             if choice is not None:
                 hits.append((layer, e, choice))
@@ -175,7 +181,7 @@ class RecallCounter:
             self.pending[(target, depth)] = set(ids)
 
     def settle(self, layer: int, actual: set[int]) -> None:
-        for (target, depth) in [k for k in self.pending if k[0] == layer]:
+        for target, depth in [k for k in self.pending if k[0] == layer]:
             c = self.counts.setdefault(depth, [0, 0])
             c[0] += len(self.pending.pop((target, depth)) & actual)
             c[1] += len(actual)

@@ -47,7 +47,9 @@ class Precision:
 
 
 class ExpertStore:
-    def __init__(self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True):
+    def __init__(
+        self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True
+    ):
         self.files = files
         self.dtype = dtype  # the model's compute dtype; see kernel_dtype
         self.verify = True
@@ -107,7 +109,9 @@ class ExpertStore:
         shards run in the model's dtype."""
         return self.dtype if qtype in ("F32", "F16", "BF16") else torch.bfloat16
 
-    def _stage(self, p: Precision, layer: int, expert: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    def _stage(
+        self, p: Precision, layer: int, expert: int
+    ) -> list[tuple[np.ndarray, tuple[int, int]]]:
         staging = self._staging(p)
         parts, pos, crc = [], 0, 0
         for s in p.slices[(layer, expert)]:
@@ -127,7 +131,12 @@ class ExpertStore:
 
     def _convert(self, p: Precision, parts) -> list[QLinear]:
         return [
-            QLinear.from_raw(torch.from_numpy(view).reshape(shape[0], -1), p.qtype, shape, self.kernel_dtype(p.qtype))
+            QLinear.from_raw(
+                torch.from_numpy(view).reshape(shape[0], -1),
+                p.qtype,
+                shape,
+                self.kernel_dtype(p.qtype),
+            )
             for view, shape in parts
         ]
 
@@ -135,7 +144,9 @@ class ExpertStore:
         """This thread's aligned buffer for raw reads, grown to the largest precision."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < p.staging_bytes:
-            buf = self._local.buf = aligned_buffer(max(s.staging_bytes for s in self.p.values()) if self.p else p.staging_bytes)
+            buf = self._local.buf = aligned_buffer(
+                max(s.staging_bytes for s in self.p.values()) if self.p else p.staging_bytes
+            )
         return buf
 
     def close(self) -> None:

@@ -50,10 +50,14 @@ STRATEGIES = {
 def strategy(name: str, **overrides) -> Strategy:
     if name not in STRATEGIES:
         raise HobbitError(f"unknown policy {name!r} (choose from {', '.join(STRATEGIES)})")
-    return dataclasses.replace(STRATEGIES[name], **{k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(
+        STRATEGIES[name], **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
-def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype, model, io_threads=2):
+def build_backend(
+    files: ModelFiles, s: Strategy, precision: str, memory, dtype, model, io_threads=2
+):
     """The ExpertBackend for strategy `s`; `model` supplies the routers for prefetching."""
     if s.cache == "resident":
         return load_resident_experts(files, precision, dtype)
@@ -71,7 +75,9 @@ def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype,
     if memory is None:
         if s.cache != "ondemand":
             store.close()
-            raise HobbitError(f"policy {s.name} caches experts: give a memory budget, e.g. --memory 30%")
+            raise HobbitError(
+                f"policy {s.name} caches experts: give a memory budget, e.g. --memory 30%"
+            )
         budget = cfg.top_k * max(slot.values())
     else:
         budget = parse_memory(memory, full_cache_bytes(files, store.p["high"].slot_bytes))
@@ -88,7 +94,9 @@ def build_backend(files: ModelFiles, s: Strategy, precision: str, memory, dtype,
             f"a memory budget of {budget:,} bytes is below this model's working minimum, "
             f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes"
         )
-    low_over_high = (store.p["low"].expert_bytes / store.p["high"].expert_bytes) if "low" in store.p else 1.0
+    low_over_high = (
+        (store.p["low"].expert_bytes / store.p["high"].expert_bytes) if "low" in store.p else 1.0
+    )
     policy = make_policy(
         s.cache,
         num_layers=cfg.num_layers,
