@@ -98,10 +98,11 @@ def _direct_gbps(model_dir) -> float | None:
 
 
 def parse_policy(spec: str) -> dict:
-    """A strategy name with optional switches, for ablations: "hobbit", "hobbit:no-prefetch",
+    """A strategy name with optional switches, for ablations: "hobbit", "tuned", "hobbit:no-prefetch",
     "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1" (joined by ':')."""
     name, *switches = spec.split(":")
-    options: dict = {"policy": name}
+    # "tuned": the config `hobbit profile` wrote next to the shards, at the bench's budget
+    options: dict = {"policy": None if name == "tuned" else name, "config": name == "tuned" or False}
     for sw in switches:
         if sw == "no-prefetch":
             options["prefetch_depth"] = 0
@@ -129,7 +130,7 @@ def _run(model_dir, memory, policy, prompts, max_new_tokens, precision, text, pp
     rt = load(
         model_dir,
         precision=precision,
-        memory=None if options["policy"] in BUDGET_FREE else memory,
+        memory=None if policy in BUDGET_FREE else memory,
         max_context=512,
         **options,
     )

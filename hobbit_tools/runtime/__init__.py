@@ -109,7 +109,7 @@ def _tuned_config(files: ModelFiles, config: str | Path | bool | None) -> dict |
 
     path = Path(config) if isinstance(config, str | Path) else config_path(files.dir)
     if not path.is_file():
-        if config not in (None, True):
+        if config is not None:
             raise HobbitError(f"tuned config {path} does not exist; make one with `hobbit profile`")
         return None
     cfg = read_config(path, files.dir, fingerprint(files.dir))
