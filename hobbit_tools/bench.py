@@ -102,7 +102,10 @@ def parse_policy(spec: str) -> dict:
     "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1" (joined by ':')."""
     name, *switches = spec.split(":")
     # "tuned": the config `hobbit profile` wrote next to the shards, at the bench's budget
-    options: dict = {"policy": None if name == "tuned" else name, "config": name == "tuned" or False}
+    options: dict = {
+        "policy": None if name == "tuned" else name,
+        "config": name == "tuned" or False,
+    }
     for sw in switches:
         if sw == "no-prefetch":
             options["prefetch_depth"] = 0

@@ -6,6 +6,7 @@ Streams tensor by tensor: peak memory is a small multiple of the largest single 
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def prepare(
         n_split = len(plan) + len(expert_plans["high"])
         dense_file = f"dense-{dense}.gguf"
         writer = ShardWriter(tmp / dense_file, gguf.MODEL_ARCH_NAMES[fam.arch])
-        _add_metadata(writer.gw, ckpt, cfg, role="dense")
+        _add_metadata(writer.gw, ckpt, cfg, role="dense", high=precisions[0].qtype)
         add_tokenizer(writer.gw, ckpt, cfg.vocab_size)
         add_split_keys(writer.gw, 0, n_split)
         for t in plan:
@@ -198,7 +199,7 @@ def _write_experts(tmp, ckpt, cfg, experts, precisions, expert_plans, n_split, b
     writers = {}
     for p in precisions:
         w = ShardWriter(tmp / p.file, gguf.MODEL_ARCH_NAMES[fam.arch])
-        _add_metadata(w.gw, ckpt, cfg, role=f"experts-{p.name}")
+        _add_metadata(w.gw, ckpt, cfg, role=f"experts-{p.name}", high=precisions[0].qtype)
         add_split_keys(w.gw, 1, n_split)
         for t in expert_plans[p.name]:
             w.add_tensor(t)
@@ -230,10 +231,10 @@ def _write_experts(tmp, ckpt, cfg, experts, precisions, expert_plans, n_split, b
     }
 
 
-def _add_metadata(gw: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, role: str) -> None:
+def _add_metadata(
+    gw: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, role: str, high: str
+) -> None:
     """llama.cpp's hyper-parameter keys, plus the source config verbatim for hobbit."""
-    import json
-
     gw.add_name(ckpt.path.name)
     gw.add_uint32(KEY_FORMAT, FORMAT_VERSION)
     gw.add_string(KEY_ROLE, role)
@@ -257,11 +258,15 @@ def _add_metadata(gw: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, role:
     if cfg.shared_expert_ffn:
         gw.add_expert_shared_feed_forward_length(cfg.shared_expert_ffn)
     gw.add_expert_weights_norm(cfg.norm_topk_prob)
-    gw.add_file_type(_file_type(cfg))
+    gw.add_file_type(_file_type(high))
 
 
-def _file_type(cfg: ModelConfig) -> int:
-    return gguf.LlamaFileType.ALL_F32  # informational only; every tensor carries its own type
+def _file_type(high: str) -> int:
+    """llama.cpp's "mostly" type of the model it loads (dense + high): the experts' type."""
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+             "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M",
+             "Q2_K": "MOSTLY_Q2_K", "Q6_K": "MOSTLY_Q6_K"}  # fmt: skip
+    return int(gguf.LlamaFileType[names[high]])
 
 
 def _manifest(tmp, ckpt, cfg, dense_file, dense_type, precisions, plan, checksums) -> dict:
