@@ -233,16 +233,16 @@ def probe_reads(
 # --------------------------------------------------------------------------- memory
 
 
-def _median_time(fn, repeats: int = 5, budget_s: float = 2.0) -> float:
-    """Median seconds of fn() over up to `repeats` runs after one warm-up; stops early (at
-    least one timed run) once the timed runs exceed budget_s."""
+def _median_time(fn, repeats: int = 5, budget_s: float = 2.0, stat=statistics.median) -> float:
+    """Median (or `stat`) seconds of fn() over up to `repeats` runs after one warm-up; stops
+    early (at least one timed run) once the timed runs exceed budget_s."""
     fn()
     times: list[float] = []
     while len(times) < repeats and (not times or sum(times) < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
 
 
 def probe_ram_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -282,13 +282,25 @@ def probe_kernels(
     [(F, D), (F, D), (D, F)] for gate, up, down. Also the seconds of `from_raw` for the three
     matrices (the conversion paid after every read) and their raw bytes (what is read).
     Returns {qtype: {"T1_s": .., "T64_s": .., "convert_s": .., "bytes": ..}}."""
-    from ..quantize.qtypes import quantize
-    from ..runtime.kernels import QLinear
 
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal(tuple(s), dtype=np.float32) * 0.02 for s in shapes]
     d_in = shapes[0][1]
     out: dict[str, dict] = {}
+    # One thread and the fastest of the repeats: on a shared machine a parallel region
+    # waits for any descheduled thread, which inflates multi-threaded timings many-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _probe_kernels(shapes, qtypes, tokens, dtype, weights, d_in, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe_kernels(shapes, qtypes, tokens, dtype, weights, d_in, out) -> dict:
+    from ..quantize.qtypes import quantize
+    from ..runtime.kernels import QLinear
+
     for qt in qtypes:
         raws = [torch.from_numpy(quantize(w, qt)) for w in weights]
 
@@ -303,8 +315,8 @@ def probe_kernels(
             def ffn(x=x, gate=gate, up=up, down=down):
                 return down(torch.nn.functional.silu(gate(x)) * up(x))
 
-            res[f"T{t}_s"] = _median_time(ffn)
-        res["convert_s"] = _median_time(convert, repeats=3)
+            res[f"T{t}_s"] = _median_time(ffn, stat=min)
+        res["convert_s"] = _median_time(convert, repeats=3, stat=min)
         res["bytes"] = int(sum(r.numel() for r in raws))
         out[qt] = res
     return out

@@ -107,8 +107,10 @@ def profile(
     say("3/4 fitting thresholds, prefetch depth, budget and cache")
     expert_bytes = files.manifest["expert_bytes"]
     kernels = device.get("kernels", {})
+    # a miss costs its read, its conversion after the read, and its compute
     cost = {
         p: expert_bytes[p] / (bandwidth * 1e9)
+        + kernels.get(files.manifest["types"][p], {}).get("convert_s", 0.0)
         + kernels.get(files.manifest["types"][p], {}).get("T1_s", 0.0)
         for p in files.precisions
     }
@@ -279,7 +281,7 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
     lines += ["", "## Why", ""]
     cost = fitted["load_cost_s"]
     lines.append(
-        "- load cost per expert (read at direct bandwidth + decode kernel): "
+        "- load cost per expert (read at direct bandwidth + conversion + decode kernel): "
         + ", ".join(f"{p} {v * 1e3:.2f} ms" for p, v in cost.items())
     )
     if "thresholds" in fitted:
