@@ -81,10 +81,9 @@ def _load(
     if model_dir is None:
         from . import demo
 
-        model_dir = str(demo.prepared_demo(progress=_tty()))
-        options["memory"] = options.get("memory") or demo.MEMORY
-        if not quiet:
-            click.echo(f"[demo model: {model_dir}, expert budget {options['memory']}]", err=True)
+        say = (lambda m: None) if quiet else (lambda m: click.echo(f"[{m}]", err=True))
+        model_dir = str(demo.prepared_demo(progress=_tty() and not quiet, say=say))
+        say(f"demo model: {model_dir}")
     rt = load(
         model_dir,
         prefetch_depth=0 if no_prefetch else prefetch_depth,
@@ -168,8 +167,13 @@ def prepare(src, out, dense, high, low, force, recipe, check, as_json) -> None:
 @click.argument("model_dir", required=False, type=click.Path(path_type=str))
 @click.option("-p", "--prompt", help="Text to continue (required with MODEL_DIR).")
 @click.option("-n", "--max-tokens", default=128, show_default=True, help="New tokens at most.")
-@click.option("-t", "--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, help="Sample from the k best (0 = off).")
+@click.option(
+    "-t",
+    "--temperature",
+    type=float,
+    help="0 = greedy (the default; the demo model samples at 0.8).",
+)
+@click.option("--top-k", type=int, help="Sample from the k best (0 = off; the demo model uses 40).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
@@ -196,13 +200,16 @@ def run(
 ):
     """Generate text from a prepared MODEL_DIR, streaming it, then a stats line.
 
-    Without MODEL_DIR, runs the bundled demo model (prepared on first use into
+    Without MODEL_DIR, runs the bundled demo model (prepared and profiled on first use into
     ~/.cache/hobbit) with its experts offloaded under a budget of half their bytes.
     """
     if model_dir is None:
         from . import demo
 
         prompt = prompt or demo.PROMPT
+        temperature = demo.SAMPLING["temperature"] if temperature is None else temperature
+        top_k = demo.SAMPLING["top_k"] if top_k is None else top_k
+        seed = demo.SAMPLING["seed"] if seed is None else seed
     elif prompt is None:
         raise click.UsageError("give a prompt with -p/--prompt")
 
@@ -211,8 +218,8 @@ def run(
         rt.start_trace()
     params = dict(
         max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
+        temperature=temperature or 0.0,
+        top_k=top_k or 0,
         top_p=top_p,
         seed=seed,
         stop=stop,

@@ -11,6 +11,7 @@ from ..errors import HobbitError
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 PROMPT = "It was a dark and stormy night, and"
+SAMPLING = {"temperature": 0.8, "top_k": 40, "seed": 0}  # a small model reads better sampled
 MEMORY = "50%"  # of the expert bytes: offloading is really exercised
 
 
@@ -19,8 +20,8 @@ def cache_root() -> Path:
     return Path(base) / "hobbit"
 
 
-def prepared_demo(progress: bool = False) -> Path:
-    """The demo model's prepared dir, made on first use and reused after."""
+def prepared_demo(progress: bool = False, say=lambda msg: None) -> Path:
+    """The demo model's prepared and profiled dir, made on first use and reused after."""
     from ..quantize.checkpoint import Checkpoint
     from ..quantize.convert import prepare
     from ..recipes import load_recipe
@@ -31,5 +32,18 @@ def prepared_demo(progress: bool = False) -> Path:
     digest = Checkpoint(CHECKPOINT).digest()[:12]
     out = cache_root() / f"demo-{digest}-{types['high']}-{types['low']}"
     if not (out / "manifest.json").is_file():
+        say(f"preparing the demo model into {out} (first use only)")
         prepare(CHECKPOINT, out, force=True, progress=progress, **types)
+    if not (out / "hobbit-config.json").is_file():
+        from ..profile.profiler import profile
+
+        say("profiling this machine and the demo model (first use only, about a minute)")
+        profile(out, memory=MEMORY, quick=True, say=say, **_profile_settings())
     return out
+
+
+def _profile_settings() -> dict:
+    from ..recipes import load_recipe
+
+    settings = load_recipe("demo", "profile")
+    return {k: settings[k] for k in ("ppl_budget", "max_tokens") if k in settings}
