@@ -210,44 +210,47 @@ def _werr(x, w, y):
 # ----------------------------------------------------------------------------- Q4_K
 
 
-def _q4k_levels(x, d, dmin, ls, lm):
-    """x [B, 8, 32]; d, dmin [B] (fp16-rounded float32); ls, lm [B, 8] ints."""
+def _affine_levels(x, d, dmin, ls, lm, qmax):
+    """x [B, S, n]; d, dmin [B] (fp16-rounded float32); ls, lm [B, S] integer codes.
+    Levels L in 0..qmax and the reconstruction d*ls*L - dmin*lm."""
     sc = (d[:, None] * ls)[..., None]
     mn = (dmin[:, None] * lm)[..., None]
     inv = np.divide(1.0, sc, out=np.zeros_like(sc), where=sc != 0)
     L = np.rint((x + mn) * inv)
-    np.clip(L, 0, 15, out=L)
+    np.clip(L, 0, qmax, out=L)
     return L, sc * L - mn
 
 
-def _q4k_chunk(x: np.ndarray, wts: np.ndarray | None) -> np.ndarray:
+def _affine_chunk(x, wts, subs, size, qmax, code_max, rmin, rdelta, nstep, pack) -> np.ndarray:
+    """Q4_K and Q2_K: `subs` sub-blocks of `size` with a scale and a min each, coded in
+    0..code_max against two fp16 super-block factors; levels 0..qmax."""
     B = x.shape[0]
-    xb = x.reshape(B * 8, 32)
-    w = _default_weights(xb) if wts is None else wts.reshape(B * 8, 32)
-    scales, mins = make_qkx2(xb, w, 15, -1.0, 0.1, 20)
-    scales = scales.reshape(B, 8)
-    mins = mins.reshape(B, 8)
+    xb = x.reshape(B * subs, size)
+    w = _default_weights(xb) if wts is None else wts.reshape(B * subs, size)
+    scales, mins = make_qkx2(xb, w, qmax, rmin, rdelta, nstep)
+    scales = scales.reshape(B, subs)
+    mins = mins.reshape(B, subs)
     max_scale = scales.max(axis=-1)
     max_min = mins.max(axis=-1)
-    inv_s = np.divide(63.0, max_scale, out=np.zeros_like(max_scale), where=max_scale > 0)
-    inv_m = np.divide(63.0, max_min, out=np.zeros_like(max_min), where=max_min > 0)
-    ls = np.minimum(63, np.rint(inv_s[:, None] * scales)).astype(np.float32)
-    lm = np.minimum(63, np.rint(inv_m[:, None] * mins)).astype(np.float32)
-    d16 = _f16(max_scale / 63.0)
-    m16 = _f16(max_min / 63.0)
+    inv_s = np.divide(code_max, max_scale, out=np.zeros_like(max_scale), where=max_scale > 0)
+    inv_m = np.divide(code_max, max_min, out=np.zeros_like(max_min), where=max_min > 0)
+    ls = np.minimum(code_max, np.rint(inv_s[:, None] * scales)).astype(np.float32)
+    lm = np.minimum(code_max, np.rint(inv_m[:, None] * mins)).astype(np.float32)
+    d16 = _f16(np.where(max_scale > 0, max_scale / code_max, 0.0))
+    m16 = _f16(np.where(max_min > 0, max_min / code_max, 0.0))
     d = d16.astype(np.float32)
     dmin = m16.astype(np.float32)
-    x3 = x.reshape(B, 8, 32)
-    w3 = w.reshape(B, 8, 32)
-    L, y = _q4k_levels(x3, d, dmin, ls, lm)
+    x3 = x.reshape(B, subs, size)
+    w3 = w.reshape(B, subs, size)
+    L, y = _affine_levels(x3, d, dmin, ls, lm, qmax)
     best = _werr(x3.reshape(B, -1), w3.reshape(B, -1), y.reshape(B, -1))
     # Refit d, dmin for the chosen codes, round to fp16, re-round the levels; keep if better.
     for _ in range(2):
         a = (ls[..., None] * L).reshape(B, -1)
-        b = np.broadcast_to(lm[..., None], (B, 8, 32)).reshape(B, -1)
+        b = np.broadcast_to(lm[..., None], (B, subs, size)).reshape(B, -1)
         nd, nm = _refit_affine(x3.reshape(B, -1), w3.reshape(B, -1), a, b, d, dmin)
         nd16, nm16 = _f16(nd), _f16(nm)
-        L2, y2 = _q4k_levels(x3, nd16.astype(np.float32), nm16.astype(np.float32), ls, lm)
+        L2, y2 = _affine_levels(x3, nd16.astype(np.float32), nm16.astype(np.float32), ls, lm, qmax)
         e2 = _werr(x3.reshape(B, -1), w3.reshape(B, -1), y2.reshape(B, -1))
         better = e2 < best
         if not better.any():
@@ -258,7 +261,11 @@ def _q4k_chunk(x: np.ndarray, wts: np.ndarray | None) -> np.ndarray:
         d = d16.astype(np.float32)
         dmin = m16.astype(np.float32)
         L = np.where(better[:, None, None], L2, L)
-    return _pack_q4k(d16, m16, ls.astype(np.uint8), lm.astype(np.uint8), L.astype(np.uint8))
+    return pack(d16, m16, ls.astype(np.uint8), lm.astype(np.uint8), L.astype(np.uint8))
+
+
+def _q4k_chunk(x: np.ndarray, wts: np.ndarray | None) -> np.ndarray:
+    return _affine_chunk(x, wts, 8, 32, 15, 63.0, -1.0, 0.1, 20, _pack_q4k)
 
 
 def _pack_q4k(d16, m16, ls, lm, L) -> np.ndarray:
@@ -283,54 +290,8 @@ def quantize_q4_k(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarra
 # ----------------------------------------------------------------------------- Q2_K
 
 
-def _q2k_levels(x, d, dmin, ls, lm):
-    """x [B, 16, 16]; d, dmin [B]; ls, lm [B, 16]."""
-    sc = (d[:, None] * ls)[..., None]
-    mn = (dmin[:, None] * lm)[..., None]
-    inv = np.divide(1.0, sc, out=np.zeros_like(sc), where=sc != 0)
-    L = np.rint((x + mn) * inv)
-    np.clip(L, 0, 3, out=L)
-    return L, sc * L - mn
-
-
 def _q2k_chunk(x: np.ndarray, wts: np.ndarray | None) -> np.ndarray:
-    B = x.shape[0]
-    xb = x.reshape(B * 16, 16)
-    w = _default_weights(xb) if wts is None else wts.reshape(B * 16, 16)
-    scales, mins = make_qkx2(xb, w, 3, -0.5, 0.1, 15)
-    scales = scales.reshape(B, 16)
-    mins = mins.reshape(B, 16)
-    max_scale = scales.max(axis=-1)
-    max_min = mins.max(axis=-1)
-    inv_s = np.divide(15.0, max_scale, out=np.zeros_like(max_scale), where=max_scale > 0)
-    inv_m = np.divide(15.0, max_min, out=np.zeros_like(max_min), where=max_min > 0)
-    ls = np.minimum(15, np.rint(inv_s[:, None] * scales)).astype(np.float32)
-    lm = np.minimum(15, np.rint(inv_m[:, None] * mins)).astype(np.float32)
-    d16 = _f16(np.where(max_scale > 0, max_scale / 15.0, 0.0))
-    m16 = _f16(np.where(max_min > 0, max_min / 15.0, 0.0))
-    d = d16.astype(np.float32)
-    dmin = m16.astype(np.float32)
-    x3 = x.reshape(B, 16, 16)
-    w3 = w.reshape(B, 16, 16)
-    L, y = _q2k_levels(x3, d, dmin, ls, lm)
-    best = _werr(x3.reshape(B, -1), w3.reshape(B, -1), y.reshape(B, -1))
-    for _ in range(2):
-        a = (ls[..., None] * L).reshape(B, -1)
-        b = np.broadcast_to(lm[..., None], (B, 16, 16)).reshape(B, -1)
-        nd, nm = _refit_affine(x3.reshape(B, -1), w3.reshape(B, -1), a, b, d, dmin)
-        nd16, nm16 = _f16(nd), _f16(nm)
-        L2, y2 = _q2k_levels(x3, nd16.astype(np.float32), nm16.astype(np.float32), ls, lm)
-        e2 = _werr(x3.reshape(B, -1), w3.reshape(B, -1), y2.reshape(B, -1))
-        better = e2 < best
-        if not better.any():
-            break
-        best = np.where(better, e2, best)
-        d16 = np.where(better, nd16, d16)
-        m16 = np.where(better, nm16, m16)
-        d = d16.astype(np.float32)
-        dmin = m16.astype(np.float32)
-        L = np.where(better[:, None, None], L2, L)
-    return _pack_q2k(d16, m16, ls.astype(np.uint8), lm.astype(np.uint8), L.astype(np.uint8))
+    return _affine_chunk(x, wts, 16, 16, 3, 15.0, -0.5, 0.1, 15, _pack_q2k)
 
 
 def _pack_q2k(d16, m16, ls, lm, L) -> np.ndarray:
