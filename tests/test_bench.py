@@ -5,14 +5,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
 from hobbit_tools.synth import SynthShape, make_random_checkpoint, widen_checkpoint
 
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)  # fmt: skip
+SHAPE = quantizable()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
@@ -14,8 +14,7 @@ from hobbit_tools.runtime.policies import LCU, Hobbit
 from hobbit_tools.runtime.precision import HIGH, LOW, SKIP, PrecisionRule, serve_from, unimportance
 from hobbit_tools.runtime.replay import read_trace, replay
 
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)  # fmt: skip
+SHAPE = quantizable(num_hidden_layers=4)
 PROMPT = "Now is the winter of our discontent made glorious summer by this sun of York"
 
 

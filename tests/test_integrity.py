@@ -5,15 +5,14 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
 from hobbit_tools.errors import HobbitError
 
 # K-quants need rows that are multiples of 256 elements.
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip
+SHAPE = quantizable(num_local_experts=4, num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import REPO, make_checkpoint
+from tiny_models import REPO, make_checkpoint, quantizable
 
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip
+SHAPE = quantizable(num_local_experts=4, num_hidden_layers=2)
 
 
 def pipeline(*args, cwd=REPO):

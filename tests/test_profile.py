@@ -5,15 +5,14 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, quantizable
 
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
 from hobbit_tools.profile.fit import expected_cost, fit_prefetch_depth, fit_thresholds, weight_grid
 from hobbit_tools.profile.profiler import profile
 
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=3,
-             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)  # fmt: skip
+SHAPE = quantizable(num_experts_per_tok=3)
 
 
 def synthetic_weights(n=4000, seed=0):

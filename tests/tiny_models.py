@@ -30,6 +30,14 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
+
+def quantizable(**overrides) -> dict:
+    """A Mixtral shape whose experts block-quantize (K-quants need rows of 256 multiples)."""
+    shape = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)  # fmt: skip
+    return {**shape, **overrides}
+
+
 FAMILIES = {
     "mixtral": (
         "MixtralConfig",
