@@ -12,10 +12,11 @@ compute being the least any run spent per token outside waiting for reads.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from pathlib import Path
 
-from .runtime import load
+from .runtime import load, strategy
 
 DEFAULT_PROMPTS = (
     "It was a dark and stormy night, and the rain fell in torrents",
@@ -35,25 +36,47 @@ def bench(
     precision: str = "high",
     ppl_text: str | None = None,
     ppl_tokens: int = 512,
+    repeat: int = 1,
     progress=None,
 ) -> dict:
     text = Path(ppl_text).read_text(encoding="utf-8", errors="replace") if ppl_text else None
-    runs = []
-    for memory in memories:
-        for policy in policies:
-            if policy in BUDGET_FREE and any(r["policy"] == policy for r in runs):
-                continue
-            if progress:
-                progress(f"{policy} @ {memory}")
-            runs.append(
-                _run(
-                    model_dir, memory, policy, prompts, max_new_tokens, precision, text, ppl_tokens
+    # every repeat runs the whole list again, interleaved, so that a slow spell of a shared
+    # machine hits all strategies alike; perplexity is deterministic and scored once
+    reps: list[list[dict]] = []
+    for rep in range(repeat):
+        runs = []
+        for memory in memories:
+            for policy in policies:
+                if policy in BUDGET_FREE and any(r["policy"] == policy for r in runs):
+                    continue
+                if progress:
+                    progress(
+                        f"{policy} @ {memory}" + (f" (repeat {rep + 1})" if repeat > 1 else "")
+                    )
+                runs.append(
+                    _run(
+                        model_dir,
+                        memory,
+                        policy,
+                        prompts,
+                        max_new_tokens,
+                        precision,
+                        text if rep == 0 else None,
+                        ppl_tokens,
+                    )
                 )
-            )
-    lru = {r["memory"]: r["decode_tokens_per_s"] for r in runs if r["policy"] == "lru"}
-    for r in runs:
-        base = lru.get(r["memory"])
-        r["speedup_vs_lru"] = r["decode_tokens_per_s"] / base if base else None
+        lru = {r["memory"]: r["decode_tokens_per_s"] for r in runs if r["policy"] == "lru"}
+        for r in runs:
+            base = lru.get(r["memory"])
+            r["speedup_vs_lru"] = r["decode_tokens_per_s"] / base if base else None
+        reps.append(runs)
+    runs = reps[0]
+    for i, r in enumerate(runs):  # the median of the repeats (vs lru: of the paired ratios)
+        tps = [rs[i]["decode_tokens_per_s"] for rs in reps]
+        r["decode_tokens_per_s_runs"] = tps
+        r["decode_tokens_per_s"] = statistics.median(tps)
+        if r["speedup_vs_lru"] is not None:
+            r["speedup_vs_lru"] = statistics.median(rs[i]["speedup_vs_lru"] for rs in reps)
     gbps = _direct_gbps(model_dir)
     # the least compute per token any run showed (runs on a shared machine are noisy upwards)
     compute = min(
@@ -69,6 +92,7 @@ def bench(
         "model_dir": str(model_dir),
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
+        "repeat": repeat,
         "direct_read_gbps": gbps,
         "compute_s_per_token": compute,
         "bound_tokens_per_s": bound,
@@ -99,7 +123,8 @@ def _direct_gbps(model_dir) -> float | None:
 
 def parse_policy(spec: str) -> dict:
     """A strategy name with optional switches, for ablations: "hobbit", "tuned", "hobbit:no-prefetch",
-    "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1" (joined by ':')."""
+    "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1", "hobbit:t1=0.4:t2=0.8",
+    "hobbit:low-share=0.5" (joined by ':')."""
     name, *switches = spec.split(":")
     # "tuned": the config `hobbit profile` wrote next to the shards, at the bench's budget
     options: dict = {
@@ -117,12 +142,15 @@ def parse_policy(spec: str) -> dict:
             options["cache_policy"] = sw.removeprefix("cache=")
         elif sw.startswith("prefetch="):
             options["prefetch_depth"] = int(sw.removeprefix("prefetch="))
+        elif sw.split("=")[0] in ("t1", "t2", "low-share") and name != "tuned":
+            key, value = sw.split("=", 1)
+            options.setdefault("overrides", {})[key.replace("-", "_")] = float(value)
         else:
             from .errors import HobbitError
 
             raise HobbitError(
                 f"unknown switch {sw!r} in policy {spec!r} (use no-prefetch, no-dynamic-precision, "
-                "dynamic-precision, cache=NAME, prefetch=N)"
+                "dynamic-precision, cache=NAME, prefetch=N, t1=X, t2=X, low-share=X)"
             )
     return options
 
@@ -130,6 +158,14 @@ def parse_policy(spec: str) -> dict:
 def _run(model_dir, memory, policy, prompts, max_new_tokens, precision, text, ppl_tokens) -> dict:
     t0 = time.perf_counter()
     options = parse_policy(policy)
+    if "overrides" in options:  # thresholds etc.: build the strategy with every switch
+        options["policy"] = strategy(
+            options["policy"],
+            **options.pop("overrides"),
+            dynamic_precision=options.pop("dynamic_precision", None),
+            prefetch_depth=options.pop("prefetch_depth", None),
+            cache=options.pop("cache_policy", None),
+        )
     rt = load(
         model_dir,
         precision=precision,
@@ -204,6 +240,11 @@ def format_table(result: dict) -> str:
         )
     gbps = result.get("direct_read_gbps")
     lines.append("")
+    if result.get("repeat", 1) > 1:
+        lines.append(
+            f"tok/s: median of {result['repeat']} interleaved repeats; vs lru: median of the "
+            "ratios to lru within each repeat"
+        )
     lines.append(
         f"direct-read bandwidth {gbps:.2f} GB/s; bound = perfect overlap of reads and compute"
         if gbps

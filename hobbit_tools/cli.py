@@ -120,9 +120,17 @@ def _load(
     "of every shard); exit 0 if intact, 1 with what differs.",
 )
 @click.option(
+    "--pack/--no-pack",
+    default=True,
+    show_default=True,
+    help="Also write slot packs: the quantized experts pre-converted for the runtime's "
+    "kernels (packs/), so a cache miss is one read and no conversion. Costs disk: about "
+    "2 bytes a weight for Q8_0/Q6_K, 0.63 for 4-bit types.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (or check result) as JSON."
 )
-def prepare(src, out, dense, high, low, force, recipe, check, as_json) -> None:
+def prepare(src, out, dense, high, low, force, recipe, check, pack, as_json) -> None:
     """Convert a Hugging Face MoE checkpoint SRC into a model dir of GGUF shards.
 
     SRC is a directory with config.json, model*.safetensors (single or sharded with its
@@ -153,7 +161,14 @@ def prepare(src, out, dense, high, low, force, recipe, check, as_json) -> None:
         low or preset.get("low"),
     )
     manifest = run_prepare(
-        src, out, dense=dense, high=high, low=low, force=force, progress=_tty() and not as_json
+        src,
+        out,
+        dense=dense,
+        high=high,
+        low=low,
+        force=force,
+        progress=_tty() and not as_json,
+        pack=pack,
     )
     if as_json:
         click.echo(json.dumps({"out": out, **manifest}, indent=2))
@@ -278,6 +293,13 @@ def run(
 )
 @click.option("--ppl-tokens", default=512, show_default=True, help="Tokens of --ppl-text to score.")
 @click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    help="Run the whole list this many times, interleaved; report the median tokens/s and "
+    "the median of the paired ratios to lru (for shared, noisy machines).",
+)
+@click.option(
     "--plot",
     type=click.Path(path_type=str),
     help="Write a PNG of tokens/s against budget per policy.",
@@ -286,7 +308,7 @@ def run(
     "--json", "as_json", is_flag=True, help='Print {"runs": [...], "bound_tokens_per_s": ...}.'
 )
 def bench(
-    model_dir, memory, policies, max_tokens, precision, ppl_text, ppl_tokens, plot, as_json
+    model_dir, memory, policies, max_tokens, precision, ppl_text, ppl_tokens, repeat, plot, as_json
 ) -> None:
     """Run policies side by side on the same prompts, one after another in one process:
     decode tokens/s, bytes read per token, hit rate, high/low/skip shares, each run's ratio
@@ -307,6 +329,7 @@ def bench(
         precision=precision,
         ppl_text=ppl_text,
         ppl_tokens=ppl_tokens,
+        repeat=repeat,
         progress=None if as_json else lambda what: click.echo(f"  running {what}", err=True),
     )
     if plot:
@@ -377,6 +400,23 @@ def inspect(model_dir, as_json) -> None:
         click.echo(f"  {s['file']:<28} {s['role']:<13} {s['type']:<5} {_gib(s['bytes']):>10}")
     for p, b in d["expert_bytes"].items():
         click.echo(f"  one expert, {p}: {_gib(b)}; all {p}: {_gib(d['expert_shard_bytes'][p])}")
+    for p, k in d["packs"].items():
+        click.echo(
+            f"  packs/experts-{p}.slots: {_gib(k['bytes'])}, {k['slot_bytes']:,} bytes an expert"
+        )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+def pack(model_dir) -> None:
+    """Write or refresh MODEL_DIR's slot packs: each quantized expert shard pre-converted to
+    the bytes an expert takes in the runtime's cache, so a miss is one read and no
+    conversion (`hobbit prepare` does this unless --no-pack). Needed again after a torch
+    upgrade changes a kernel layout; up-to-date packs are left alone."""
+    from .runtime.pack import build
+
+    for precision, what in build(model_dir, progress=_tty()).items():
+        click.echo(f"experts-{precision}: {what}")
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import HobbitError
@@ -22,7 +23,21 @@ def describe(model_dir: str | Path) -> dict:
         "num_experts": m["num_experts"],
         "moe_layers": len(m["moe_layers"]),
         "total_experts": m["num_experts"] * len(m["moe_layers"]),
+        "packs": _packs(Path(model_dir)),
     }
+
+
+def _packs(model_dir: Path) -> dict:
+    """The slot packs present (current or not: the runtime checks their keys)."""
+    out = {}
+    for meta in sorted((model_dir / "packs").glob("experts-*.json")):
+        try:
+            info = json.loads(meta.read_text())
+            size = meta.with_suffix(".slots").stat().st_size
+        except (OSError, ValueError):
+            continue
+        out[info.get("precision", meta.stem)] = {"bytes": size, "slot_bytes": info["slot_bytes"]}
+    return out
 
 
 def check(model_dir: str | Path) -> list[str]:

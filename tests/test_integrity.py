@@ -90,17 +90,44 @@ def flip_expert_byte(bad):
         f.write(bytes([b[0] ^ 0x55]))
 
 
+def generate_a_while(model, memory):
+    rt = hobbit_tools.load(model, memory=memory)
+    for _ in range(4):
+        rt.generate("The king is dead. Long live the king!", max_new_tokens=16, stop_at_eos=False)
+
+
+def without_packs(mutate):
+    def both(bad):
+        shutil.rmtree(bad / "packs")
+        mutate(bad)
+
+    return both
+
+
 @pytest.mark.parametrize("memory", [None, "60%"])
 def test_flipped_byte_names_shard_layer_and_expert(paired, tmp_path, memory):
-    bad = copy_with(paired, tmp_path, flip_expert_byte)
+    bad = copy_with(paired, tmp_path, without_packs(flip_expert_byte))
     with pytest.raises(
         HobbitError, match=r"experts-high-Q8_0.gguf: layer 1 expert 2 fails its checksum"
     ):
-        rt = hobbit_tools.load(bad, memory=memory)
-        for _ in range(4):
-            rt.generate(
-                "The king is dead. Long live the king!", max_new_tokens=16, stop_at_eos=False
-            )
+        generate_a_while(bad, memory)
+
+
+def test_flipped_byte_in_a_pack_names_it_and_the_fix(paired, tmp_path):
+    def flip(bad):
+        info = json.loads((bad / "packs" / "experts-high.json").read_text())
+        i = info["experts"].index([1, 2])
+        with open(bad / "packs" / "experts-high.slots", "r+b") as f:
+            f.seek(i * info["slot_bytes"] + 100)
+            b = f.read(1)
+            f.seek(i * info["slot_bytes"] + 100)
+            f.write(bytes([b[0] ^ 0x55]))
+
+    bad = copy_with(paired, tmp_path, flip)
+    with pytest.raises(
+        HobbitError, match=r"experts-high.slots: layer 1 expert 2 fails its checksum.*hobbit pack"
+    ):
+        generate_a_while(bad, "60%")
 
 
 def test_truncated_shard(paired, tmp_path):

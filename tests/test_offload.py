@@ -63,10 +63,15 @@ def test_bigger_cache_reads_less(model, reference):
         stats[memory] = rt.generate(ids, max_new_tokens=16, stop_at_eos=False).stats
         read[memory] = stats[memory]["bytes_read"]
     assert read["20%"] > read["60%"] > read["150%"]
-    expert = json.loads((model / "manifest.json").read_text())["expert_bytes"]["high"]
+    # what one load reads: the expert's slices, or its slot image where a pack exists
+    expert = rt.model.experts.store.p["high"].load_bytes
     # all fit: each expert used is read exactly once, none evicted
     assert stats["150%"]["evictions"] == 0
-    assert read["150%"] == stats["150%"]["misses"] * expert <= 3 * 8 * expert
+    # (bytes read are what the disk delivered: direct reads widen each of the three
+    # slices to 4096-byte blocks)
+    misses = stats["150%"]["misses"]
+    assert misses * expert <= read["150%"] <= misses * (expert + 3 * 2 * 4096)
+    assert misses <= 3 * 8
 
 
 def test_budget_below_minimum_is_refused(model):
@@ -106,11 +111,11 @@ def test_read_error_mid_run_ends_cleanly(model):
     store = rt.model.experts.store
     real, calls = store.read, [0]
 
-    def flaky(*args):
+    def flaky(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 7:
             raise HobbitError("injected read error")
-        return real(*args)
+        return real(*args, **kwargs)
 
     store.read = flaky
     with pytest.raises(HobbitError, match="injected"):

@@ -18,7 +18,8 @@ import torch
 from ..runtime.precision import LOW, SKIP, PrecisionRule
 from ..runtime.replay import replay
 
-T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# finer above 0.5, where the scores of every expert after a top-2 model's first one lie
+T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 def expected_cost(weights_by_layer: dict[int, torch.Tensor], cost: dict[str, float]) -> Callable:

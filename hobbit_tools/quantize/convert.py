@@ -74,8 +74,10 @@ def prepare(
     low: str | None = None,
     force: bool = False,
     progress: bool = False,
+    pack: bool = True,
 ) -> dict:
-    """Convert checkpoint `src` into model dir `out`; returns the manifest."""
+    """Convert checkpoint `src` into model dir `out`; returns the manifest. pack: also write
+    the runtime's slot packs of the quantized expert shards (`runtime/pack.py`)."""
     ckpt = Checkpoint(src)
     cfg = ModelConfig.from_hf(ckpt.config)
     fam = cfg.spec
@@ -116,6 +118,10 @@ def prepare(
         manifest = _manifest(tmp, ckpt, cfg, dense_file, dense, precisions, plan, checksums)
         _link_llamacpp(tmp, dense_file, precisions)
         write_json_atomic(tmp / MANIFEST, manifest)
+        if pack:
+            from ..runtime.pack import build as build_packs
+
+            build_packs(tmp, progress=progress)
     return manifest
 
 

@@ -26,6 +26,8 @@ class Entry:
     expert: Expert | None = None
     pins: int = 0
     protected_for: int | None = None  # prefetched for this layer, not yet used
+    stop: bool = False  # set by the cache: the read in flight should give up
+    urgent: bool = False  # a prefetch the model now waits for: it no longer yields
 
     @property
     def ready(self) -> bool:
@@ -42,6 +44,7 @@ class ExpertCache:
             for p, budget in budgets.items()
         }
         self.entries: dict[Key, Entry] = {}
+        self.stopping: list[Entry] = []  # reads told to stop; their slots free once they have
         self.evictions = 0
         self.stolen = 0  # prefetched entries given up to a demand load
 
@@ -61,7 +64,13 @@ class ExpertCache:
         if slot is None:
             return None
         entry = Entry(key, slot)
-        read = partial(self.store.read, key[0], key[1], key[2], self.arenas[key[2]].view(slot))
+
+        def between_chunks() -> bool:  # on the I/O thread: True = give up the read
+            if priority != DEMAND and not entry.urgent:
+                self.pool.yield_to_demand()
+            return entry.stop
+
+        read = partial(self.store.read, *key, self.arenas[key[2]].view(slot), stop=between_chunks)
         entry.future = self.pool.submit(read, priority)
         self.entries[key] = entry
         return entry
@@ -77,14 +86,34 @@ class ExpertCache:
             self.drop(entry)
 
     def cancel(self, entry: Entry) -> bool:
-        """Drop an unused prefetch: cancelled if still queued, else just unprotected."""
+        """Drop an unused prefetch: cancelled if still queued, stopped if being read (its
+        slot is freed once the reader has let go of it), else just unprotected. Returns
+        whether a read was cancelled or stopped."""
         entry.protected_for = None
         if entry.pins == 0 and entry.future is not None and entry.future.cancel():
             self.drop(entry)
             return True
+        if entry.pins == 0 and not entry.ready and entry.future is not None:
+            entry.stop = True
+            if self.entries.get(entry.key) is entry:
+                del self.entries[entry.key]
+            self.stopping.append(entry)
+            return True
         if not self.policy.keep and entry.pins == 0 and entry.ready:
             self.drop(entry)
         return False
+
+    def reap(self) -> None:
+        """Free the slots of stopped reads that have let go of them."""
+        if not self.stopping:
+            return
+        still = []
+        for entry in self.stopping:
+            if entry.future.done():
+                self.arenas[entry.key[2]].release(entry.slot)
+            else:
+                still.append(entry)
+        self.stopping = still
 
     def drop(self, entry: Entry) -> None:
         if self.entries.get(entry.key) is entry:
@@ -95,6 +124,7 @@ class ExpertCache:
     def free_slots(self, precision: str) -> int:
         """Slots a load of this precision could take now without touching pinned, protected
         or loading entries."""
+        self.reap()
         free = len(self.arenas[precision].free)
         return free + sum(1 for e in self.entries.values() if self._evictable(e, precision))
 
@@ -102,6 +132,7 @@ class ExpertCache:
         return e.key[2] == precision and e.pins == 0 and e.ready and e.protected_for is None
 
     def _free_slot(self, precision: str, layer_now: int) -> int | None:
+        self.reap()
         slot = self.arenas[precision].acquire()
         if slot is not None:
             return slot
@@ -128,7 +159,7 @@ class ExpertCache:
     def abort(self, entries: list[Entry]) -> None:
         """A load failed: cancel or finish the others so no thread writes into a freed slot;
         forget everything not ready and every pin."""
-        for entry in entries:
+        for entry in entries + self.stopping:
             if entry.future is not None and not entry.future.cancel():
                 try:
                     entry.future.result()
@@ -139,3 +170,4 @@ class ExpertCache:
                 self.drop(entry)
             entry.pins = 0
             entry.protected_for = None
+        self.reap()

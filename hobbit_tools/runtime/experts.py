@@ -60,6 +60,18 @@ def dispatch(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     return groups
 
 
+def group_rows(ids: list[list[int]]) -> list[tuple[int, list[int], list[int]]]:
+    """`dispatch` on Python lists (ids.tolist()): the decode path, where a handful of
+    small torch ops per layer would cost more than the grouping."""
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for r, row in enumerate(ids):
+        for k, e in enumerate(row):
+            g = groups.setdefault(e, ([], []))
+            g[0].append(r)
+            g[1].append(k)
+    return [(e, *groups[e]) for e in sorted(groups)]
+
+
 class Combiner:
     """Collects weighted expert outputs [T, K, D] and sums them over K in slot order, so the
     result is bit-identical whatever order experts are computed in (cached ones first,
@@ -69,7 +81,14 @@ class Combiner:
         self.w = weights.to(x.dtype)
         self.parts = x.new_zeros(x.shape[0], weights.shape[1], x.shape[1])
 
-    def add(self, expert: Expert, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    def add(self, expert: Expert, x: torch.Tensor, rows, slots) -> None:
+        """rows, slots: index tensors or lists of the (token, top-k slot) pairs routed here."""
+        if isinstance(rows, list):
+            if len(rows) == 1:  # one token (decode): plain slicing, no index tensors
+                r, k = rows[0], slots[0]
+                self.parts[r, k] = expert(x[r : r + 1])[0] * self.w[r, k]
+                return
+            rows, slots = torch.tensor(rows), torch.tensor(slots)
         self.parts[rows, slots] = expert(x[rows]) * self.w[rows, slots, None]
 
     def result(self) -> torch.Tensor:
@@ -79,7 +98,7 @@ class Combiner:
 def combine(x, ids, weights, expert: Callable[[int], Expert]) -> torch.Tensor:
     """Compute each selected expert on its tokens and sum the weighted outputs."""
     c = Combiner(x, weights)
-    for e, rows, slots in dispatch(ids):
+    for e, rows, slots in group_rows(ids.tolist()):
         c.add(expert(e), x, rows, slots)
     return c.result()
 

@@ -44,6 +44,13 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)
 
 
+class ReadStopped(Exception):
+    """A read was told to stop (a prefetch found wrong) before it finished."""
+
+
+CHUNK = 8 << 20  # a stoppable read checks between chunks (~10 ms of a 0.8 GB/s disk)
+
+
 class ShardFile:
     """One shard opened for direct reads, falling back to buffered reads (with a warning
     naming the reason) where the filesystem refuses O_DIRECT, e.g. tmpfs."""
@@ -51,6 +58,8 @@ class ShardFile:
     def __init__(self, path, direct: bool = True):
         self.path = str(path)
         self.name = os.path.basename(self.path)
+        self.bytes_read = 0  # what the disk delivered (block-widened, stopped reads in part)
+        self._count = threading.Lock()
         self.direct = False
         self.fallback_reason = "direct I/O disabled"
         if not os.path.isfile(self.path):
@@ -83,9 +92,12 @@ class ShardFile:
         self.fd, self.direct = fd, True
         return ""
 
-    def read_into(self, buf: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    def read_into(
+        self, buf: np.ndarray, offset: int, nbytes: int, stop: Callable[[], bool] | None = None
+    ) -> np.ndarray:
         """Reads [offset, offset+nbytes) into buf (aligned, at least the widened size);
-        returns the exact bytes as a view of buf."""
+        returns the exact bytes as a view of buf. With `stop`, reads in CHUNK pieces and
+        raises ReadStopped as soon as stop() is true between two of them."""
         start = align_down(offset) if self.direct else offset
         end = align_up(offset + nbytes) if self.direct else offset + nbytes
         if offset + nbytes > self.size:
@@ -96,10 +108,15 @@ class ShardFile:
         view = memoryview(buf)[: end - start]
         got = 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], start + got)
+            if stop is not None and stop():
+                raise ReadStopped(self.name)
+            piece = view[got : got + CHUNK] if stop is not None else view[got:]
+            n = os.preadv(self.fd, [piece], start + got)
             if n <= 0:
                 break
             got += n
+            with self._count:
+                self.bytes_read += n
         if got < offset + nbytes - start:
             raise HobbitError(f"short read from {self.name} at byte {start + got}")
         return buf[offset - start : offset - start + nbytes]
@@ -125,6 +142,7 @@ class IOPool:
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
+        self._demand_running = 0
         self.busy_s = 0.0
         self._threads = [
             threading.Thread(target=self._worker, name=f"hobbit-io-{i}", daemon=True)
@@ -151,15 +169,41 @@ class IOPool:
                 if self._closed and not self._heap:
                     return
                 job = heapq.heappop(self._heap)
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            t0 = time.perf_counter()
-            try:
-                job.future.set_result(job.fn())
-            except BaseException as e:  # delivered to the waiting caller
-                job.future.set_exception(e)
-            finally:
-                self.busy_s += time.perf_counter() - t0
+            self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        demand = job.priority == DEMAND
+        if demand:
+            with self._cv:
+                self._demand_running += 1
+        t0 = time.perf_counter()
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as e:  # delivered to the waiting caller
+            job.future.set_exception(e)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            if demand:
+                with self._cv:
+                    self._demand_running -= 1
+                    self._cv.notify_all()
+
+    def yield_to_demand(self) -> None:
+        """Called by a prefetch between the chunks of its read: runs queued demand jobs
+        first, in this thread, and waits while others run, so that a speculative read never
+        shares the disk with a read the model is waiting for."""
+        while True:
+            with self._cv:
+                if self._heap and self._heap[0].priority == DEMAND:
+                    job = heapq.heappop(self._heap)
+                elif self._demand_running and not self._closed:
+                    self._cv.wait(0.05)
+                    continue
+                else:
+                    return
+            self._run(job)
 
     def close(self) -> None:
         with self._cv:

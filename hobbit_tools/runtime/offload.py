@@ -23,10 +23,10 @@ import torch
 
 from ..errors import HobbitError
 from .cache import Entry, ExpertCache
-from .experts import Combiner, dispatch
+from .experts import Combiner, group_rows
 from .io import DEMAND, PREFETCH, IOPool
 from .policies import Policy
-from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from, unimportance
+from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from
 from .store import ExpertStore
 
 PRECISION_OF = {HIGH: "high", LOW: "low"}
@@ -45,7 +45,6 @@ class OffloadOptions:
 class Counters:
     hits: int = 0
     misses: int = 0
-    bytes_read: int = 0
     io_wait_s: float = 0.0
     compute_s: float = 0.0
     loads: dict[str, int] = field(default_factory=lambda: {"high": 0, "low": 0})
@@ -82,6 +81,9 @@ class OffloadedExperts:
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target layer, depth) -> ids
         self._last_predictions: dict[int, list[int]] = {}
         self.trace: list[dict] | None = None
+        self._bytes_at_start = (
+            store.bytes_read
+        )  # (the store read one expert to learn its slot layout)
 
     # -- ExpertBackend -------------------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -90,22 +92,24 @@ class OffloadedExperts:
             self.token += 1
         self._last_layer = layer
         T = x.shape[0]
-        level, top1 = self._decide(layer, ids, weights)
-        weights = self._skip_weights(weights, level)
+        # decisions run on Python lists: a few dozen tiny torch ops per layer would cost
+        # more than the expert compute of a small model
+        ids_l, w_l = ids.tolist(), weights.tolist()
+        level, top1 = self._decide(layer, ids_l, w_l)
+        weights = self._skip_weights(weights, w_l, level)
         out = Combiner(x, weights)
         if T == 1:
-            self._settle_prefetches(layer, set(ids[0].tolist()))
+            self._settle_prefetches(layer, set(ids_l[0]))
         ready, waiting, missing, record = [], {}, [], []
-        for e, rows, slots in dispatch(ids):
-            lv = level[rows, slots]
-            keep = lv != SKIP
-            self.c.served["skip"] += int((~keep).sum())
-            if not keep.any():
+        for e, rows, slots in group_rows(ids_l):
+            kept = [(r, k) for r, k in zip(rows, slots, strict=True) if level[r][k] != SKIP]
+            self.c.served["skip"] += len(rows) - len(kept)
+            if not kept:
                 record.append((e, "skip", "-"))
                 continue
-            rows, slots, lv = rows[keep], slots[keep], lv[keep]
-            want = HIGH if bool((lv == HIGH).any()) else LOW
-            entry = self._lookup(layer, e, want, bool(top1[rows, slots].any()))
+            rows, slots = [r for r, _ in kept], [k for _, k in kept]
+            want = HIGH if any(level[r][k] == HIGH for r, k in kept) else LOW
+            entry = self._lookup(layer, e, want, any(top1[r][k] for r, k in kept))
             if entry is not None:
                 self.c.hits += 1
                 entry.pins += 1
@@ -114,6 +118,7 @@ class OffloadedExperts:
                 if entry.ready:
                     ready.append((entry, rows, slots))
                 else:  # still loading (a prefetch): wait for it like a miss
+                    entry.urgent = True
                     waiting[entry.future] = (entry, rows, slots)
                 record.append((e, entry.key[2], "hit"))
             else:
@@ -142,7 +147,7 @@ class OffloadedExperts:
             self.cache.abort([en for en, _, _ in waiting.values()])
             raise
         if self.trace is not None:
-            self._record(layer, ids, weights, level, record)
+            self._record(layer, ids_l, weights, level, record)
         return out.result()
 
     def new_sequence(self) -> None:
@@ -160,7 +165,7 @@ class OffloadedExperts:
             "hits": c.hits,
             "misses": c.misses,
             "hit_rate": c.hits / max(c.hits + c.misses, 1),
-            "bytes_read": c.bytes_read,
+            "bytes_read": self.store.bytes_read - self._bytes_at_start,
             "io_wait_s": c.io_wait_s,
             "compute_s": c.compute_s,
             "evictions": self.cache.evictions,
@@ -181,21 +186,28 @@ class OffloadedExperts:
         self.store.close()
 
     # -- decisions -----------------------------------------------------------------------------
-    def _decide(self, layer, ids, weights):
+    def _decide(self, layer: int, ids: list, weights: list) -> tuple[list, list]:
+        """Per (token, slot) of ids/weights [T][K] lists: level (HIGH/LOW/SKIP), is top-1."""
         if self.o.rule is None:
-            return torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
-        s = unimportance(weights)
-        return self.o.rule.levels(layer, ids, weights), s == 0
+            return [[HIGH] * len(row) for row in ids], [[True] * len(row) for row in ids]
+        rows = [self.o.rule.row(layer, i, w) for i, w in zip(ids, weights, strict=True)]
+        return [lv for lv, _ in rows], [t for _, t in rows]
 
-    def _skip_weights(self, weights, level):
-        if not bool((level == SKIP).any()):
+    def _skip_weights(self, weights: torch.Tensor, w_l: list, level: list) -> torch.Tensor:
+        """The combine weights: a skipped slot contributes nothing (or, renormalize, the
+        kept ones are scaled up to the full mass)."""
+        if not any(SKIP in row for row in level):
             return weights
-        kept = weights.masked_fill(level == SKIP, 0.0)
+        kept = [
+            [0.0 if lv == SKIP else w for w, lv in zip(ws, lvs, strict=True)]
+            for ws, lvs in zip(w_l, level, strict=True)
+        ]
         if self.o.skip == "renormalize":
-            kept = kept * (
-                weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-12)
-            )
-        return kept
+            kept = [
+                [w * sum(ws) / max(sum(ks), 1e-12) for w in ks]
+                for ws, ks in zip(w_l, kept, strict=True)
+            ]
+        return torch.tensor(kept, dtype=weights.dtype)
 
     def _lookup(self, layer: int, e: int, want: int, has_top1: bool) -> Entry | None:
         high, low = self.cache.get((layer, e, "high")), self.cache.get((layer, e, "low"))
@@ -216,7 +228,6 @@ class OffloadedExperts:
             self._count_load(key[2])
 
     def _count_load(self, precision: str) -> None:
-        self.c.bytes_read += self.store.p[precision].expert_bytes
         self.c.loads[precision] += 1
 
     def _compute(self, out: Combiner, x, entry: Entry, rows, slots) -> None:
@@ -235,11 +246,11 @@ class OffloadedExperts:
             self._predicted[(target, depth)] = set(ids[0].tolist())
             if not queue_more:
                 continue
-            level, top1 = self._decide(target, ids, weights)
+            level, top1 = self._decide(target, ids.tolist(), weights.tolist())
             all_cached = True
             for slot, e in enumerate(ids[0].tolist()):
-                lv = int(level[0, slot])
-                if lv == SKIP or self._lookup(target, e, lv, bool(top1[0, slot])) is not None:
+                lv = level[0][slot]
+                if lv == SKIP or self._lookup(target, e, lv, top1[0][slot]) is not None:
                     continue
                 all_cached = False
                 key = (target, e, PRECISION_OF[lv])
@@ -284,7 +295,7 @@ class OffloadedExperts:
             "moe_layers": sum(cfg.moe_layers),
             "num_experts": cfg.num_experts,
             "top_k": cfg.top_k,
-            "expert_bytes": {p: v.expert_bytes for p, v in self.store.p.items()},
+            "expert_bytes": {p: v.load_bytes for p, v in self.store.p.items()},
             "slot_bytes": {p: v.slot_bytes for p, v in self.store.p.items()},
         }
 
@@ -293,10 +304,10 @@ class OffloadedExperts:
             {
                 "token": self.token,
                 "layer": layer,
-                "tokens": ids.shape[0],
-                "ids": ids.tolist(),
+                "tokens": len(ids),
+                "ids": ids,
                 "weights": [[round(w, 5) for w in row] for row in weights.float().tolist()],
-                "levels": [[LEVEL_NAMES[v] for v in row] for row in level.tolist()],
+                "levels": [[LEVEL_NAMES[v] for v in row] for row in level],
                 "served": record,
                 "predicted": self._last_predictions,
             }

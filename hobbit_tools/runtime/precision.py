@@ -23,9 +23,19 @@ def unimportance(weights: torch.Tensor) -> torch.Tensor:
     """weights [T, K] -> s [T, K], in the same slot order."""
     w = weights.float()
     w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    sorted_w, order = torch.sort(w, dim=-1, descending=True)
+    sorted_w, order = torch.sort(w, dim=-1, descending=True, stable=True)
     s_sorted = sorted_w.cumsum(-1) - sorted_w
     return torch.empty_like(s_sorted).scatter_(-1, order, s_sorted)
+
+
+def unimportance_row(weights: list[float]) -> list[float]:
+    """`unimportance` of one token's weights, as a list (ties ranked by slot, as there)."""
+    total = sum(weights) or 1e-12
+    s, acc = [0.0] * len(weights), 0.0
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i]):
+        s[i] = acc / total
+        acc += weights[i]
+    return s
 
 
 @dataclass
@@ -43,6 +53,46 @@ class PrecisionRule:
         level[s <= t1] = HIGH
         level[s > t2] = SKIP
         return level
+
+    def row(self, layer: int, ids: list[int], weights: list[float]) -> tuple[list[int], list[bool]]:
+        """`levels` for one token on Python lists (the decode path: no tensor ops), and which
+        slot is the token's top-1 (s = 0). Scores in float64, so a score within float32
+        rounding of a threshold may fall on the other side than in `levels`."""
+        s = unimportance_row(weights)
+        t1, t2 = self._py()
+        out = []
+        for e, si in zip(ids, s, strict=True):
+            a = (
+                t1
+                if isinstance(t1, float)
+                else t1[layer]
+                if isinstance(t1[layer], float)
+                else t1[layer][e]
+            )
+            b = (
+                t2
+                if isinstance(t2, float)
+                else t2[layer]
+                if isinstance(t2[layer], float)
+                else t2[layer][e]
+            )
+            out.append(HIGH if si <= a else SKIP if si > b else LOW)
+        return out, [si == 0.0 for si in s]
+
+    def _py(self):
+        """The thresholds as Python floats / nested lists (a threshold >= 1 as infinity)."""
+        cached = getattr(self, "_py_cache", None)
+        if cached is None:
+
+            def conv(t):
+                if isinstance(t, torch.Tensor):
+                    t = t.tolist()
+                if isinstance(t, list):
+                    return [conv(v) for v in t]
+                return math.inf if float(t) >= 1.0 else float(t)
+
+            cached = self._py_cache = (conv(self.t1), conv(self.t2))
+        return cached
 
     @staticmethod
     def _at(t, layer: int, ids: torch.Tensor):

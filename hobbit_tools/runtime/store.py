@@ -5,14 +5,18 @@ shard. `ExpertStore.read(layer, expert, precision, slot)` reads them with direct
 per-thread staging buffer, checks the manifest's crc32, converts them for the kernel
 (`QLinear.from_raw`), and moves the converted tensors into the slot: a cached expert lives
 entirely in its arena slot, so the cache's bytes are exactly its slots' bytes and a load
-allocates nothing that outlives it. Mechanism only: no policy here.
+allocates nothing that outlives it. Where the precision has a current slot pack (`pack.py`),
+a load is instead one direct read of the expert's ready-made image into the slot, and the
+kernels' tensors are views of it. Mechanism only: no policy here.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from .experts import Expert
 from .io import BLOCK, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
 from .loader import ModelFiles
+from .pack import UNPACKED_TYPES, Pack, open_pack, pack_key
 
 ALIGN = 64  # tensors placed in a slot start on cache-line boundaries
 
@@ -41,14 +46,28 @@ class Precision:
     file: ShardFile
     slices: dict[tuple[int, int], tuple[Slice, Slice, Slice]]  # (layer, expert) -> gate, up, down
     crc: dict[tuple[int, int], int]
-    expert_bytes: int  # on disk, gate+up+down
+    expert_bytes: int  # in the shard, gate+up+down
     staging_bytes: int  # raw read: each slice widened to block boundaries
     slot_bytes: int = 0  # one expert converted for the kernel, as laid out in a slot
+    image_bytes: int = 0  # slot_bytes rounded up to the direct-read block: a pack's image
+    layout: list = field(default_factory=list)  # [role, attribute, dtype, shape, offset]
+    template: list = field(default_factory=list)  # the three QLinears, without tensors
+    pack: Pack | None = None
+
+    @property
+    def load_bytes(self) -> int:
+        """Bytes one load reads from disk."""
+        return self.image_bytes if self.pack is not None else self.expert_bytes
 
 
 class ExpertStore:
     def __init__(
-        self, files: ModelFiles, precisions: list[str], dtype: torch.dtype, direct: bool = True
+        self,
+        files: ModelFiles,
+        precisions: list[str],
+        dtype: torch.dtype,
+        direct: bool = True,
+        packs: bool = True,
     ):
         self.files = files
         self.dtype = dtype  # the model's compute dtype; see kernel_dtype
@@ -56,7 +75,27 @@ class ExpertStore:
         self._local = threading.local()
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
         for p in self.p.values():
-            p.slot_bytes = self._measure_slot(p)
+            self._measure_slot(p)
+            if packs:
+                p.pack = self.open_pack(p, direct)
+                if p.pack is not None:
+                    p.slot_bytes = p.pack.slot_bytes
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk so far, over all shards and packs."""
+        files = [p.file for p in self.p.values()] + [p.pack.file for p in self.p.values() if p.pack]
+        return sum(f.bytes_read for f in files)
+
+    def pack_key(self, p: Precision) -> str:
+        shard = next(s for s in self.files.manifest["shards"] if s["role"] == f"experts-{p.name}")
+        return pack_key(shard["sha256"], p.qtype, p.layout, p.image_bytes)
+
+    def open_pack(self, p: Precision, direct: bool = True) -> Pack | None:
+        """p's slot pack if it exists and matches this shard, layout and torch, else None."""
+        if p.qtype in UNPACKED_TYPES or self.kernel_dtype(p.qtype) != torch.bfloat16:
+            return None
+        return open_pack(self.files.dir, p.name, self.pack_key(p), direct)
 
     def _open(self, name: str, direct: bool) -> Precision:
         shard = self.files.experts(name)  # validates presence and header
@@ -88,20 +127,52 @@ class ExpertStore:
             staging_bytes=sum(align_up(s.nbytes) + BLOCK for s in some),
         )
 
-    def _measure_slot(self, p: Precision) -> int:
-        """Bytes one converted expert takes in a slot (all experts share their shapes)."""
+    def _measure_slot(self, p: Precision) -> None:
+        """Convert one expert to learn the slot layout all experts share (same shapes)."""
         layer, e = next(iter(p.slices))
         linears = self._convert(p, self._stage(p, layer, e))
-        return sum(_placed_size(lin) for lin in linears)
+        offset = 0
+        for role, lin in enumerate(linears):
+            for name, t in _tensors(lin):
+                offset = _aligned(offset)
+                dtype = str(t.dtype).removeprefix("torch.")
+                p.layout.append([role, name, dtype, list(t.shape), offset])
+                offset += t.numel() * t.element_size()
+                setattr(lin, name, None)
+            offset = _aligned(offset)
+        p.slot_bytes, p.image_bytes, p.template = offset, align_up(offset), linears
 
-    def read(self, layer: int, expert: int, precision: str, slot: np.ndarray) -> Expert:
-        """Runs on an I/O thread: read, verify, convert, and place the expert in `slot`."""
+    def read(
+        self,
+        layer: int,
+        expert: int,
+        precision: str,
+        slot: np.ndarray,
+        from_pack: bool = True,
+        stop: Callable[[], bool] | None = None,
+    ) -> Expert:
+        """Runs on an I/O thread: read, verify, convert, and place the expert in `slot`
+        (or, from a pack, read its image into `slot` and view the tensors there). `stop`:
+        polled during the read; when true it raises io.ReadStopped (the slot then holds
+        garbage)."""
         p = self.p[precision]
-        linears = self._convert(p, self._stage(p, layer, expert))
+        if p.pack is not None and from_pack:
+            p.pack.read(layer, expert, slot[: p.pack.slot_bytes], self.verify, stop)
+            return self._view(p, slot)
+        linears = self._convert(p, self._stage(p, layer, expert, stop))
         offset = 0
         for lin in linears:
             offset = _place(lin, slot, offset)
         return Expert(*linears, nbytes=offset, dtype=self.kernel_dtype(p.qtype))
+
+    def _view(self, p: Precision, slot: np.ndarray) -> Expert:
+        linears = [copy.copy(t) for t in p.template]
+        for role, name, dtype, shape, offset in p.layout:
+            dt = getattr(torch, dtype)
+            n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+            t = torch.from_numpy(slot[offset : offset + n]).view(dt).view(shape)
+            setattr(linears[role], name, t)
+        return Expert(*linears, nbytes=p.slot_bytes, dtype=self.kernel_dtype(p.qtype))
 
     def kernel_dtype(self, qtype: str) -> torch.dtype:
         """Quantized experts run their int kernels on bf16 activations (float32 would take the
@@ -110,13 +181,13 @@ class ExpertStore:
         return self.dtype if qtype in ("F32", "F16", "BF16") else torch.bfloat16
 
     def _stage(
-        self, p: Precision, layer: int, expert: int
+        self, p: Precision, layer: int, expert: int, stop=None
     ) -> list[tuple[np.ndarray, tuple[int, int]]]:
         staging = self._staging(p)
         parts, pos, crc = [], 0, 0
         for s in p.slices[(layer, expert)]:
             width = align_up(s.nbytes) + BLOCK
-            view = p.file.read_into(staging[pos : pos + width], s.offset, s.nbytes)
+            view = p.file.read_into(staging[pos : pos + width], s.offset, s.nbytes, stop)
             crc = zlib.crc32(view, crc) if self.verify else crc
             parts.append((view, s.shape))
             pos += width
@@ -152,17 +223,12 @@ class ExpertStore:
     def close(self) -> None:
         for p in self.p.values():
             p.file.close()
+            if p.pack is not None:
+                p.pack.close()
 
 
 def _tensors(lin: QLinear):
     return [(k, v) for k, v in vars(lin).items() if isinstance(v, torch.Tensor)]
-
-
-def _placed_size(lin: QLinear) -> int:
-    offset = 0
-    for _, t in _tensors(lin):
-        offset = _aligned(offset) + t.numel() * t.element_size()
-    return _aligned(offset)
 
 
 def _place(lin: QLinear, slot: np.ndarray, offset: int) -> int:

@@ -95,7 +95,7 @@ def build_backend(
             f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes"
         )
     low_over_high = (
-        (store.p["low"].expert_bytes / store.p["high"].expert_bytes) if "low" in store.p else 1.0
+        (store.p["low"].load_bytes / store.p["high"].load_bytes) if "low" in store.p else 1.0
     )
     policy = make_policy(
         s.cache,
