@@ -124,7 +124,7 @@ def _direct_gbps(model_dir) -> float | None:
 def parse_policy(spec: str) -> dict:
     """A strategy name with optional switches, for ablations: "hobbit", "tuned", "hobbit:no-prefetch",
     "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1", "hobbit:t1=0.4:t2=0.8",
-    "hobbit:low-share=0.5" (joined by ':')."""
+    "hobbit:low-share=0.5", "lru:no-pack" (joined by ':')."""
     name, *switches = spec.split(":")
     # "tuned": the config `hobbit profile` wrote next to the shards, at the bench's budget
     options: dict = {
@@ -145,12 +145,17 @@ def parse_policy(spec: str) -> dict:
         elif sw.split("=")[0] in ("t1", "t2", "low-share") and name != "tuned":
             key, value = sw.split("=", 1)
             options.setdefault("overrides", {})[key.replace("-", "_")] = float(value)
+        elif sw == "no-pack":
+            options["packs"] = False
+        elif sw in ("skip=drop", "skip=renormalize") and name != "tuned":
+            options.setdefault("overrides", {})["skip"] = sw.removeprefix("skip=")
         else:
             from .errors import HobbitError
 
             raise HobbitError(
                 f"unknown switch {sw!r} in policy {spec!r} (use no-prefetch, no-dynamic-precision, "
-                "dynamic-precision, cache=NAME, prefetch=N, t1=X, t2=X, low-share=X)"
+                "dynamic-precision, cache=NAME, prefetch=N, t1=X, t2=X, low-share=X, "
+                "skip=drop|renormalize, no-pack)"
             )
     return options
 

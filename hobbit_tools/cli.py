@@ -92,6 +92,13 @@ def _load(
     )
     if rt.info.get("config") and not quiet:
         click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
+    stale = [p for p, ok in rt.info.get("packed", {}).items() if not ok]
+    if stale and not quiet:
+        click.echo(
+            f"[experts-{'/'.join(stale)}: no current slot pack, so every cache miss converts "
+            f"after the read (slower); write one with `hobbit pack {model_dir}`]",
+            err=True,
+        )
     return rt
 
 

@@ -9,6 +9,7 @@ from tiny_models import make_checkpoint, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
+from hobbit_tools.errors import HobbitError
 from hobbit_tools.synth import SynthShape, make_random_checkpoint, widen_checkpoint
 
 SHAPE = quantizable()
@@ -69,3 +70,28 @@ def test_bench_runs_strategies_side_by_side(hf, tmp_path):
     assert runs[("hobbit", "45%")]["share"]["low"] > 0
     assert out["bound_tokens_per_s"] > 0 and out["direct_read_gbps"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policy_switches_parse_and_bad_ones_are_named():
+    from hobbit_tools.bench import parse_policy
+
+    o = parse_policy("hobbit:t1=0.5:t2=0.85:cache=lfu:prefetch=1:skip=renormalize")
+    assert o["cache_policy"] == "lfu" and o["prefetch_depth"] == 1
+    assert o["overrides"] == {"t1": 0.5, "t2": 0.85, "skip": "renormalize"}
+    with pytest.raises(HobbitError, match="unknown switch 'fast'"):
+        parse_policy("lru:fast")
+
+
+def test_repeats_are_interleaved_and_summarised_by_the_median(hf):
+    from hobbit_tools.bench import bench
+
+    model = hf / "paired"
+    if not model.exists():
+        hobbit_tools.prepare(hf / "hf", model, high="Q8_0", low="Q4_K")
+    out = bench(str(model), ["45%"], ["lru", "hobbit:t1=0.3:t2=0.5"], max_new_tokens=4, repeat=2)
+    lru, hob = out["runs"]
+    assert len(lru["decode_tokens_per_s_runs"]) == 2 and out["repeat"] == 2
+    tps = sorted(hob["decode_tokens_per_s_runs"])
+    assert hob["decode_tokens_per_s"] == pytest.approx(sum(tps) / 2)
+    assert lru["speedup_vs_lru"] == 1.0
+    assert hob["share"]["skip"] > 0  # T2 = 0.5: a last-ranked expert has s >= 0.5

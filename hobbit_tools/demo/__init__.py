@@ -34,6 +34,10 @@ def prepared_demo(progress: bool = False, say=lambda msg: None) -> Path:
     if not (out / "manifest.json").is_file():
         say(f"preparing the demo model into {out} (first use only)")
         prepare(CHECKPOINT, out, force=True, progress=progress, **types)
+    else:
+        from ..runtime.pack import build as build_packs
+
+        build_packs(out)  # a dir from an older hobbit or torch: (re)write stale packs
     if not (out / "hobbit-config.json").is_file():
         from ..profile.profiler import profile
 

@@ -290,7 +290,7 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
     lines += ["", "## Why", ""]
     cost = fitted["load_cost_s"]
     lines.append(
-        "- load cost per expert (read at direct bandwidth + conversion + decode kernel): "
+        "- load cost per expert (read at direct bandwidth, + conversion unless packed, + decode kernel): "
         + ", ".join(f"{p} {v * 1e3:.2f} ms" for p, v in cost.items())
     )
     if "thresholds" in fitted:

@@ -28,6 +28,7 @@ def load(
     max_context: int | None = None,
     io_threads: int = 2,
     config: str | Path | bool | None = None,
+    packs: bool = True,
 ) -> Runtime:
     """Load a prepared model dir.
 
@@ -44,6 +45,8 @@ def load(
     config: the tuned config from `hobbit profile` (default: the one next to the shards, if
         any, used when no policy is given; False: none). It sets the strategy and, unless
         `memory` is given, the budget.
+    packs: read experts from the slot packs where current (False: always convert from the
+        shards after the read; for comparisons).
     """
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
@@ -74,7 +77,7 @@ def load(
             cache=cache_policy,
         )
     model = build_model(files, None, dt, max_context)
-    backend = build_backend(files, policy, precision, memory, dt, model, io_threads)
+    backend = build_backend(files, policy, precision, memory, dt, model, io_threads, packs)
     model.experts = backend
     info = {
         "model_dir": str(files.dir),
@@ -99,8 +102,20 @@ def load(
             else backend.arena.slot_bytes,
         ),
         "config": tuned["path"] if tuned else None,
+        # per quantized expert precision in use: whether loads read a slot pack (no
+        # conversion after the read)
+        "packed": _packed(backend),
     }
     return Runtime(model, tokenizer(files), info)
+
+
+def _packed(backend) -> dict[str, bool]:
+    from .pack import UNPACKED_TYPES
+
+    store = getattr(backend, "store", None)
+    if store is None:
+        return {}
+    return {n: p.pack is not None for n, p in store.p.items() if p.qtype not in UNPACKED_TYPES}
 
 
 def _tuned_config(files: ModelFiles, config: str | Path | bool | None) -> dict | None:

@@ -116,12 +116,14 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
     )
 
 
-def load_resident_experts(files: ModelFiles, precision: str, dtype: torch.dtype) -> ResidentExperts:
+def load_resident_experts(
+    files: ModelFiles, precision: str, dtype: torch.dtype, packs: bool = True
+) -> ResidentExperts:
     """Every expert read once (direct I/O, checksum verified) into one arena and kept: the
     `resident` baseline."""
     from .store import ExpertStore, SlotArena
 
-    store = ExpertStore(files, [precision], dtype)
+    store = ExpertStore(files, [precision], dtype, packs=packs)
     cfg = files.config
     keys = [
         (layer, e) for layer, m in enumerate(cfg.moe_layers) if m for e in range(cfg.num_experts)
