@@ -100,6 +100,28 @@ def test_fitted_thresholds_meet_the_perplexity_budget(profiled):
     assert th["tried"][-1]["t1"] == th["t1"] and th["tried"][-1]["t2"] == th["t2"]
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_prefetch_is_kept_only_where_it_is_measured_faster(profiled, tmp_path, monkeypatch, faster):
+    import hobbit_tools.profile.profiler as prof
+
+    d, _ = profiled
+
+    def timed(files, dtype, budget, chosen, depth, ids):
+        assert chosen.prefetch_depth == 0 and depth >= 1  # the fitted strategy, both ways
+        return {"depth": depth, "tokens": len(ids), "with_s": 1.0 if faster else 1.2,
+                "without_s": 1.1}  # fmt: skip
+
+    monkeypatch.setattr(prof, "_prefetch_timing", timed)
+    monkeypatch.setattr(prof, "fit_prefetch_depth", lambda recall: 1)
+    out = tmp_path / "cfg.json"
+    result = profile(
+        d / "model", memory="50%", max_tokens=300, window=128, trace_tokens=16, quick=True, out=out
+    )
+    assert result["runtime"]["prefetch_depth"] == (1 if faster else 0)
+    report = out.with_name("profile-report.md").read_text()
+    assert ("kept" if faster else "switched off") in report
+
+
 def test_run_uses_the_tuned_config_by_default(profiled):
     d, result = profiled
     rt = hobbit_tools.load(d / "model")

@@ -9,13 +9,16 @@ Steps (each reported):
    prediction recall per depth; a held-out part of the text for perplexity;
 3. fit: T1/T2 with the lowest expected load cost whose held-out perplexity stays within the
    budget over all-high; prefetch depth from recall; the memory budget if none was given;
-   cache policy, HOBBIT weights and high/low split by replaying a decode trace;
+   cache policy, HOBBIT weights and high/low split by replaying a decode trace; then
+   prefetch is kept only if decoding with it is measured faster than without;
 4. write hobbit-config.json and profile-report.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from .fit import expected_cost, fit_cache, fit_prefetch_depth, fit_thresholds
 
 DEFAULT_TEXT = Path(__file__).with_name("calibration.txt")
 FIT_SHARE = 0.5  # of the perplexity budget the thresholds may spend on the calibration text
+PREFETCH_MIN_GAIN = 0.97  # prefetch is kept if it decodes in at most 97% of the time without
 REPORT_FILE = "profile-report.md"
 
 
@@ -165,6 +169,23 @@ def profile(
     fitted["cache"] = cache
     best = cache["best"]
 
+    if depth:
+        say("3/4 timing decode with and without prefetch")
+        chosen = Strategy(
+            "timing",
+            cache=best["cache_policy"],
+            dynamic_precision=dynamic,
+            t1=t1,
+            t2=t2,
+            low_share=best["low_share"] if dynamic else 0.25,
+            cache_weights=tuple(best["weights"]) if best["weights"] else None,
+        )
+        timing_tokens = min(trace_tokens, 64 if quick else 128)
+        timing = _prefetch_timing(files, dtype, budget, chosen, depth, calib[:timing_tokens])
+        fitted["prefetch_timing"] = timing
+        if timing["with_s"] > PREFETCH_MIN_GAIN * timing["without_s"]:
+            depth = 0
+
     runtime = {
         "policy": "hobbit",
         "memory": budget,
@@ -239,6 +260,33 @@ def _mem_available() -> int:
     return 4 << 30  # unknown: assume a small machine
 
 
+def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
+    """Decode seconds of `ids` with prefetch at `depth` and without, interleaved twice
+    (medians): prefetch pays only where compute is a large enough share of a token to hide
+    reads behind, which recall alone does not tell (docs/benchmarks.md 7)."""
+    runs: dict[int, list[float]] = {depth: [], 0: []}
+    for _ in range(2):
+        for d in (depth, 0):
+            s = dataclasses.replace(chosen, prefetch_depth=d)
+            model = build_model(files, None, dtype, len(ids) + 1)
+            backend = build_backend(files, s, "high", budget, dtype, model)
+            model.experts = backend
+            model.reset()
+            step = torch.empty(1, dtype=torch.long)
+            t0 = time.perf_counter()
+            for t in ids:
+                step[0] = t
+                model.forward(step)
+            runs[d].append(time.perf_counter() - t0)
+            backend.close()
+    return {
+        "depth": depth,
+        "tokens": len(ids),
+        "with_s": statistics.median(runs[depth]),
+        "without_s": statistics.median(runs[0]),
+    }
+
+
 def _decode_trace(files, dtype, budget, dynamic, depth, t1, t2, ids):
     """A decode-mode routing trace (one token at a time, as generation runs)."""
     s = Strategy(
@@ -309,9 +357,18 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
             f"- no low-precision shard: all experts at high precision (perplexity {fitted['base_ppl']:.3f})"
         )
     rec = ", ".join(f"depth {d}: {r:.0%}" for d, r in fitted["prefetch_recall"].items())
-    lines.append(
-        f"- prefetch recall ({rec}): depth {runtime['prefetch_depth']} (deepest with recall >= 60%)"
-    )
+    timing = fitted.get("prefetch_timing")
+    if timing:
+        verdict = "kept" if runtime["prefetch_depth"] else "switched off: it does not pay here"
+        lines.append(
+            f"- prefetch recall ({rec}): depth {timing['depth']} is the deepest with recall >= "
+            f"60%; {timing['tokens']} tokens decoded in {timing['with_s']:.2f} s with it, "
+            f"{timing['without_s']:.2f} s without: {verdict}"
+        )
+    else:
+        lines.append(
+            f"- prefetch recall ({rec}): depth {runtime['prefetch_depth']} (deepest with recall >= 60%)"
+        )
     lines.append(f"- memory budget {runtime['memory']:,} bytes ({fitted['memory_source']})")
     c = fitted["cache"]
     lines.append(
