@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.experts import Combiner, Expert, dispatch
-from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule
+from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights
 
 
 @dataclass
@@ -43,12 +43,7 @@ class CalibrationExperts:
             torch.zeros_like(ids) if self.rule is None else self.rule.levels(layer, ids, weights)
         )
         if bool((level == SKIP).any()):
-            kept = weights.masked_fill(level == SKIP, 0.0)
-            if self.skip == "renormalize":
-                kept = kept * (
-                    weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-12)
-                )
-            weights = kept
+            weights = skip_weights(weights, level == SKIP, self.skip)
         out = Combiner(x, weights)
         for e, rows, slots in dispatch(ids):
             lv = level[rows, slots]

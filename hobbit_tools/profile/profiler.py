@@ -268,17 +268,7 @@ def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) ->
     for _ in range(2):
         for d in (depth, 0):
             s = dataclasses.replace(chosen, prefetch_depth=d)
-            model = build_model(files, None, dtype, len(ids) + 1)
-            backend = build_backend(files, s, "high", budget, dtype, model)
-            model.experts = backend
-            model.reset()
-            step = torch.empty(1, dtype=torch.long)
-            t0 = time.perf_counter()
-            for t in ids:
-                step[0] = t
-                model.forward(step)
-            runs[d].append(time.perf_counter() - t0)
-            backend.close()
+            runs[d].append(_decode(files, dtype, budget, s, ids)[0])
     return {
         "depth": depth,
         "tokens": len(ids),
@@ -292,18 +282,27 @@ def _decode_trace(files, dtype, budget, dynamic, depth, t1, t2, ids):
     s = Strategy(
         "calibration", cache="lru", dynamic_precision=dynamic, prefetch_depth=depth, t1=t1, t2=t2
     )
+    return _decode(files, dtype, budget, s, ids, trace=True)[1:]
+
+
+def _decode(files, dtype, budget, s: Strategy, ids, trace: bool = False):
+    """Decode `ids` one token at a time under strategy `s`: (seconds, trace header, trace
+    records), the trace parts None unless asked for."""
     model = build_model(files, None, dtype, len(ids) + 1)
     backend = build_backend(files, s, "high", budget, dtype, model)
     model.experts = backend
-    backend.start_trace()
+    if trace:
+        backend.start_trace()
     model.reset()
     step = torch.empty(1, dtype=torch.long)
+    t0 = time.perf_counter()
     for t in ids:
         step[0] = t
         model.forward(step)
-    header, records = backend.trace_header(), backend.trace
+    seconds = time.perf_counter() - t0
+    header, records = (backend.trace_header(), backend.trace) if trace else (None, None)
     backend.close()
-    return header, records
+    return seconds, header, records
 
 
 def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -> str:

@@ -26,7 +26,7 @@ from .cache import Entry, ExpertCache
 from .experts import Combiner, group_rows
 from .io import DEMAND, PREFETCH, IOPool
 from .policies import Policy
-from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from
+from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from, skip_weights
 from .store import ExpertStore
 
 PRECISION_OF = {HIGH: "high", LOW: "low"}
@@ -81,9 +81,8 @@ class OffloadedExperts:
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target layer, depth) -> ids
         self._last_predictions: dict[int, list[int]] = {}
         self.trace: list[dict] | None = None
-        self._bytes_at_start = (
-            store.bytes_read
-        )  # (the store read one expert to learn its slot layout)
+        # the store has already read one expert, to learn its slot layout
+        self._bytes_at_start = store.bytes_read
 
     # -- ExpertBackend -------------------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
@@ -96,7 +95,7 @@ class OffloadedExperts:
         # more than the expert compute of a small model
         ids_l, w_l = ids.tolist(), weights.tolist()
         level, top1 = self._decide(layer, ids_l, w_l)
-        weights = self._skip_weights(weights, w_l, level)
+        weights = self._skip_weights(weights, level)
         out = Combiner(x, weights)
         if T == 1:
             self._settle_prefetches(layer, set(ids_l[0]))
@@ -193,21 +192,10 @@ class OffloadedExperts:
         rows = [self.o.rule.row(layer, i, w) for i, w in zip(ids, weights, strict=True)]
         return [lv for lv, _ in rows], [t for _, t in rows]
 
-    def _skip_weights(self, weights: torch.Tensor, w_l: list, level: list) -> torch.Tensor:
-        """The combine weights: a skipped slot contributes nothing (or, renormalize, the
-        kept ones are scaled up to the full mass)."""
+    def _skip_weights(self, weights: torch.Tensor, level: list) -> torch.Tensor:
         if not any(SKIP in row for row in level):
             return weights
-        kept = [
-            [0.0 if lv == SKIP else w for w, lv in zip(ws, lvs, strict=True)]
-            for ws, lvs in zip(w_l, level, strict=True)
-        ]
-        if self.o.skip == "renormalize":
-            kept = [
-                [w * sum(ws) / max(sum(ks), 1e-12) for w in ks]
-                for ws, ks in zip(w_l, kept, strict=True)
-            ]
-        return torch.tensor(kept, dtype=weights.dtype)
+        return skip_weights(weights, torch.tensor(level) == SKIP, self.o.skip)
 
     def _lookup(self, layer: int, e: int, want: int, has_top1: bool) -> Entry | None:
         high, low = self.cache.get((layer, e, "high")), self.cache.get((layer, e, "low"))

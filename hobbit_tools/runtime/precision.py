@@ -62,21 +62,9 @@ class PrecisionRule:
         t1, t2 = self._py()
         out = []
         for e, si in zip(ids, s, strict=True):
-            a = (
-                t1
-                if isinstance(t1, float)
-                else t1[layer]
-                if isinstance(t1[layer], float)
-                else t1[layer][e]
+            out.append(
+                HIGH if si <= _pick(t1, layer, e) else SKIP if si > _pick(t2, layer, e) else LOW
             )
-            b = (
-                t2
-                if isinstance(t2, float)
-                else t2[layer]
-                if isinstance(t2[layer], float)
-                else t2[layer][e]
-            )
-            out.append(HIGH if si <= a else SKIP if si > b else LOW)
         return out, [si == 0.0 for si in s]
 
     def _py(self):
@@ -103,6 +91,22 @@ class PrecisionRule:
             return math.inf if float(t[layer]) >= 1.0 else float(t[layer])
         t = t[layer][ids]
         return torch.where(t >= 1.0, torch.full_like(t, math.inf), t)
+
+
+def _pick(t, layer: int, e: int) -> float:
+    """A threshold from `PrecisionRule._py`'s form: global, per layer or per expert."""
+    if isinstance(t, float):
+        return t
+    return t[layer] if isinstance(t[layer], float) else t[layer][e]
+
+
+def skip_weights(weights: torch.Tensor, skipped: torch.Tensor, mode: str = "drop") -> torch.Tensor:
+    """The combine weights [T, K] with the `skipped` slots contributing nothing: dropped, or
+    with mode "renormalize" the kept ones scaled up to the full routing mass."""
+    kept = weights.masked_fill(skipped, 0.0)
+    if mode == "renormalize":
+        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-12))
+    return kept
 
 
 ALL_HIGH = PrecisionRule(t1=float("inf"), t2=float("inf"))

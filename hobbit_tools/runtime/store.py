@@ -13,6 +13,7 @@ kernels' tensors are views of it. Mechanism only: no policy here.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import zlib
 from collections.abc import Callable
@@ -169,7 +170,7 @@ class ExpertStore:
         linears = [copy.copy(t) for t in p.template]
         for role, name, dtype, shape, offset in p.layout:
             dt = getattr(torch, dtype)
-            n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+            n = math.prod(shape) * dt.itemsize
             t = torch.from_numpy(slot[offset : offset + n]).view(dt).view(shape)
             setattr(linears[role], name, t)
         return Expert(*linears, nbytes=p.slot_bytes, dtype=self.kernel_dtype(p.qtype))
