@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from tiny_models import make_checkpoint, quantizable
+from tiny_models import prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
@@ -18,8 +18,7 @@ SHAPE = quantizable(num_local_experts=4, num_hidden_layers=2)
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("paired")
-    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
+    prepared_pair(d, tokenizer_dir, **SHAPE)
     return d
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import make_checkpoint, quantizable
+from tiny_models import make_checkpoint, prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools.cli import main
@@ -21,9 +21,7 @@ PROMPT = "Now is the winter of our discontent made glorious summer by this sun o
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("packed")
-    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
-    return d / "model"
+    return prepared_pair(d, tokenizer_dir, **SHAPE)
 
 
 def run(*args):

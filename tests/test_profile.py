@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import make_checkpoint, quantizable
+from tiny_models import prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
@@ -62,8 +62,7 @@ def test_weight_grid_is_the_simplex():
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("profiled")
-    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **SHAPE)
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
+    prepared_pair(d, tokenizer_dir, **SHAPE)
     result = profile(
         d / "model", memory="50%", max_tokens=600, window=128, trace_tokens=48, quick=True
     )

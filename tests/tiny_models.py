@@ -138,3 +138,13 @@ def make_checkpoint(
         shutil.copy(f, dest / f.name)
     (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": 0}))
     return model.float()
+
+
+def prepared_pair(d: Path, tokenizer_dir: Path, **shape) -> Path:
+    """A tiny Mixtral checkpoint at d/hf prepared into d/model as paired Q8_0 + Q4_K expert
+    shards (with slot packs); returns d/model. `shape` must be quantizable()."""
+    import hobbit_tools
+
+    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **shape)
+    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
+    return d / "model"
