@@ -124,7 +124,7 @@ def _direct_gbps(model_dir) -> float | None:
 def parse_policy(spec: str) -> dict:
     """A strategy name with optional switches, for ablations: "hobbit", "tuned", "hobbit:no-prefetch",
     "hobbit:no-dynamic-precision", "hobbit:cache=lru", "lru:prefetch=1", "hobbit:t1=0.4:t2=0.8",
-    "hobbit:low-share=0.5", "lru:no-pack" (joined by ':')."""
+    "hobbit:low-share=0.5", "lru:no-pack", "resident:kernel=torch" (joined by ':')."""
     name, *switches = spec.split(":")
     # "tuned": the config `hobbit profile` wrote next to the shards, at the bench's budget
     options: dict = {
@@ -147,6 +147,8 @@ def parse_policy(spec: str) -> dict:
             options.setdefault("overrides", {})[key.replace("-", "_")] = float(value)
         elif sw == "no-pack":
             options["packs"] = False
+        elif sw in ("kernel=ggml", "kernel=torch"):
+            options["kernels"] = sw.removeprefix("kernel=")
         elif sw in ("skip=drop", "skip=renormalize") and name != "tuned":
             options.setdefault("overrides", {})["skip"] = sw.removeprefix("skip=")
         else:
@@ -155,7 +157,7 @@ def parse_policy(spec: str) -> dict:
             raise HobbitError(
                 f"unknown switch {sw!r} in policy {spec!r} (use no-prefetch, no-dynamic-precision, "
                 "dynamic-precision, cache=NAME, prefetch=N, t1=X, t2=X, low-share=X, "
-                "skip=drop|renormalize, no-pack)"
+                "skip=drop|renormalize, no-pack, kernel=ggml|torch)"
             )
     return options
 

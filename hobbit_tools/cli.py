@@ -128,11 +128,11 @@ def _load(
 )
 @click.option(
     "--pack/--no-pack",
-    default=True,
-    show_default=True,
-    help="Also write slot packs: the quantized experts pre-converted for the runtime's "
-    "kernels (packs/), so a cache miss is one read and no conversion. Costs disk: about "
-    "2 bytes a weight for Q8_0/Q6_K, 0.63 for 4-bit types.",
+    default=None,
+    help="Also write slot packs: the quantized experts pre-converted for torch's kernels "
+    "(packs/), so a cache miss there is one read and no conversion. Costs disk: about 2 "
+    "bytes a weight for Q8_0/Q6_K, 0.63 for 4-bit types. Default: only for types that "
+    "torch's kernels serve here; ggml's compute on the shards' own bytes and need none.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the manifest (or check result) as JSON."

@@ -18,7 +18,7 @@ SHAPE = quantizable(num_local_experts=4, num_hidden_layers=2)
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("paired")
-    prepared_pair(d, tokenizer_dir, **SHAPE)
+    prepared_pair(d, tokenizer_dir, pack=True, **SHAPE)
     return d
 
 
@@ -89,8 +89,8 @@ def flip_expert_byte(bad):
         f.write(bytes([b[0] ^ 0x55]))
 
 
-def generate_a_while(model, memory):
-    rt = hobbit_tools.load(model, memory=memory)
+def generate_a_while(model, memory, kernels=None):
+    rt = hobbit_tools.load(model, memory=memory, kernels=kernels)
     for _ in range(4):
         rt.generate("The king is dead. Long live the king!", max_new_tokens=16, stop_at_eos=False)
 
@@ -103,13 +103,14 @@ def without_packs(mutate):
     return both
 
 
+@pytest.mark.parametrize("kernels", ["ggml", "torch"])
 @pytest.mark.parametrize("memory", [None, "60%"])
-def test_flipped_byte_names_shard_layer_and_expert(paired, tmp_path, memory):
+def test_flipped_byte_names_shard_layer_and_expert(paired, tmp_path, memory, kernels):
     bad = copy_with(paired, tmp_path, without_packs(flip_expert_byte))
     with pytest.raises(
         HobbitError, match=r"experts-high-Q8_0.gguf: layer 1 expert 2 fails its checksum"
     ):
-        generate_a_while(bad, memory)
+        generate_a_while(bad, memory, kernels)
 
 
 def test_flipped_byte_in_a_pack_names_it_and_the_fix(paired, tmp_path):
@@ -126,7 +127,7 @@ def test_flipped_byte_in_a_pack_names_it_and_the_fix(paired, tmp_path):
     with pytest.raises(
         HobbitError, match=r"experts-high.slots: layer 1 expert 2 fails its checksum.*hobbit pack"
     ):
-        generate_a_while(bad, "60%")
+        generate_a_while(bad, "60%", kernels="torch")
 
 
 def test_truncated_shard(paired, tmp_path):

@@ -21,7 +21,7 @@ PROMPT = "Now is the winter of our discontent made glorious summer by this sun o
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("packed")
-    return prepared_pair(d, tokenizer_dir, **SHAPE)
+    return prepared_pair(d, tokenizer_dir, pack=True, **SHAPE)
 
 
 def run(*args):
@@ -37,8 +37,8 @@ def test_packed_loads_give_the_same_logits_as_converting(paired, tmp_path, polic
     unpacked = tmp_path / "unpacked"
     shutil.copytree(paired, unpacked)
     shutil.rmtree(unpacked / "packs")
-    a = hobbit_tools.load(paired, memory="60%", policy=policy)
-    b = hobbit_tools.load(unpacked, memory="60%", policy=policy)
+    a = hobbit_tools.load(paired, kernels="torch", memory="60%", policy=policy)
+    b = hobbit_tools.load(unpacked, kernels="torch", memory="60%", policy=policy)
     assert all(packed(a).values()) and not any(packed(b).values())
     ids = a.encode(PROMPT)
     assert torch.equal(a.logits(ids), b.logits(ids))
@@ -56,7 +56,7 @@ def test_stale_pack_is_ignored_and_rebuilt(paired, tmp_path):
     meta = model / "packs" / "experts-low.json"
     info = json.loads(meta.read_text())
     meta.write_text(json.dumps({**info, "key": "made-by-another-torch"}))
-    rt = hobbit_tools.load(model, memory="60%", policy="hobbit")
+    rt = hobbit_tools.load(model, kernels="torch", memory="60%", policy="hobbit")
     assert packed(rt) == {"high": True, "low": False}  # falls back to converting
     assert len(rt.generate(PROMPT, max_new_tokens=4, stop_at_eos=False).token_ids) == 4
     r = run("pack", model)
@@ -112,7 +112,7 @@ def test_cancelling_an_in_flight_prefetch_frees_its_slot_once_it_stops(paired):
 
     from hobbit_tools.runtime.io import PREFETCH
 
-    rt = hobbit_tools.load(paired, memory="60%", policy="lru")
+    rt = hobbit_tools.load(paired, kernels="torch", memory="60%", policy="lru")
     cache = rt.model.experts.cache
     store = cache.store
     gate, real = threading.Event(), store.read

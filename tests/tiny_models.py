@@ -140,11 +140,12 @@ def make_checkpoint(
     return model.float()
 
 
-def prepared_pair(d: Path, tokenizer_dir: Path, **shape) -> Path:
+def prepared_pair(d: Path, tokenizer_dir: Path, pack: bool | None = None, **shape) -> Path:
     """A tiny Mixtral checkpoint at d/hf prepared into d/model as paired Q8_0 + Q4_K expert
-    shards (with slot packs); returns d/model. `shape` must be quantizable()."""
+    shards (pack=True: with slot packs for torch's kernels); returns d/model. `shape` must
+    be quantizable()."""
     import hobbit_tools
 
     make_checkpoint("mixtral", d / "hf", tokenizer_dir, **shape)
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
+    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K", pack=pack)
     return d / "model"

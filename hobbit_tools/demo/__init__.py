@@ -36,8 +36,10 @@ def prepared_demo(progress: bool = False, say=lambda msg: None) -> Path:
         prepare(CHECKPOINT, out, force=True, progress=progress, **types)
     else:
         from ..runtime.pack import build as build_packs
+        from ..runtime.pack import wanted
 
-        build_packs(out)  # a dir from an older hobbit or torch: (re)write stale packs
+        if wanted(out):  # a dir from an older hobbit or torch: (re)write stale packs
+            build_packs(out, wanted(out))
     if not (out / "hobbit-config.json").is_file():
         from ..profile.profiler import profile
 

@@ -74,10 +74,12 @@ def prepare(
     low: str | None = None,
     force: bool = False,
     progress: bool = False,
-    pack: bool = True,
+    pack: bool | None = None,
 ) -> dict:
     """Convert checkpoint `src` into model dir `out`; returns the manifest. pack: also write
-    the runtime's slot packs of the quantized expert shards (`runtime/pack.py`)."""
+    the slot packs of the quantized expert shards for torch's kernels (`runtime/pack.py`);
+    None: only where those kernels serve by default (ggml computes on the shards as they
+    are and needs none)."""
     ckpt = Checkpoint(src)
     cfg = ModelConfig.from_hf(ckpt.config)
     fam = cfg.spec
@@ -118,10 +120,13 @@ def prepare(
         manifest = _manifest(tmp, ckpt, cfg, dense_file, dense, precisions, plan, checksums)
         _link_llamacpp(tmp, dense_file, precisions)
         write_json_atomic(tmp / MANIFEST, manifest)
-        if pack:
+        if pack is not False:
             from ..runtime.pack import build as build_packs
+            from ..runtime.pack import wanted
 
-            build_packs(tmp, progress=progress)
+            precisions_to_pack = None if pack else wanted(tmp)
+            if precisions_to_pack != []:
+                build_packs(tmp, precisions_to_pack, progress=progress)
     return manifest
 
 

@@ -29,6 +29,7 @@ def load(
     io_threads: int = 2,
     config: str | Path | bool | None = None,
     packs: bool = True,
+    kernels: str | dict[str, str] | None = None,
 ) -> Runtime:
     """Load a prepared model dir.
 
@@ -46,7 +47,10 @@ def load(
         any, used when no policy is given; False: none). It sets the strategy and, unless
         `memory` is given, the budget.
     packs: read experts from the slot packs where current (False: always convert from the
-        shards after the read; for comparisons).
+        shards after the read; for comparisons). Used by the torch kernels only.
+    kernels: which compute path serves the quantized expert types: "ggml" (on the GGUF
+        bytes in place), "torch" (converted after the read, or from a slot pack), or a dict
+        {type: path}; default: the tuned config's measured choice, else ggml where it loads.
     """
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
@@ -77,7 +81,13 @@ def load(
             cache=cache_policy,
         )
     model = build_model(files, None, dt, max_context)
-    backend = build_backend(files, policy, precision, memory, dt, model, io_threads, packs)
+    if isinstance(kernels, str):
+        kernels = dict.fromkeys(files.manifest["types"].values(), kernels)
+    if kernels is None and tuned is not None:
+        kernels = tuned.get("runtime", {}).get("kernels")
+    backend = build_backend(
+        files, policy, precision, memory, dt, model, io_threads, packs, kernels or {}
+    )
     model.experts = backend
     info = {
         "model_dir": str(files.dir),
@@ -115,7 +125,11 @@ def _packed(backend) -> dict[str, bool]:
     store = getattr(backend, "store", None)
     if store is None:
         return {}
-    return {n: p.pack is not None for n, p in store.p.items() if p.qtype not in UNPACKED_TYPES}
+    return {
+        n: p.pack is not None
+        for n, p in store.p.items()
+        if p.qtype not in UNPACKED_TYPES and p.kernel == "torch"
+    }
 
 
 def _tuned_config(files: ModelFiles, config: str | Path | bool | None) -> dict | None:

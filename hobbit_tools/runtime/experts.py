@@ -36,6 +36,35 @@ class Expert:
         return self.down(F.silu(self.gate(xk)) * self.up(xk)).to(x.dtype)
 
 
+Matrix = tuple[int, str, tuple[int, int]]  # address of GGUF bytes, GGUF type, (out, in)
+
+
+class GGUFExpert:
+    """An expert computed on its GGUF bytes where they lie (a cache slot), by ggml's kernels:
+    down(silu(gate(x)) * up(x)) in one ggml call. One token runs a graph cached per slot
+    (`graphs`, keyed by the slot's address, re-pointed at this expert's bytes); more tokens
+    build one for the call. Float32 inside, the caller's dtype out."""
+
+    def __init__(self, mats: tuple[Matrix, Matrix, Matrix], nbytes: int, slot, graphs: dict):
+        self.mats = mats
+        self.nbytes = nbytes
+        self.slot = slot  # keeps the memory alive
+        self.graphs = graphs
+        self.dtype = torch.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from . import ggml
+
+        if x.shape[0] != 1:
+            return ggml.ffn(x, *self.mats).to(x.dtype)
+        key = self.slot.ctypes.data
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = ggml.ExpertFFN(*self.mats)
+        graph.bind(*(m[0] for m in self.mats))
+        return graph(x).to(x.dtype)
+
+
 class ExpertBackend(Protocol):
     def forward(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor

@@ -117,13 +117,17 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
 
 
 def load_resident_experts(
-    files: ModelFiles, precision: str, dtype: torch.dtype, packs: bool = True
+    files: ModelFiles,
+    precision: str,
+    dtype: torch.dtype,
+    packs: bool = True,
+    kernels: dict[str, str] | None = None,
 ) -> ResidentExperts:
     """Every expert read once (direct I/O, checksum verified) into one arena and kept: the
     `resident` baseline."""
     from .store import ExpertStore, SlotArena
 
-    store = ExpertStore(files, [precision], dtype, packs=packs)
+    store = ExpertStore(files, [precision], dtype, packs=packs, kernels=kernels)
     cfg = files.config
     keys = [
         (layer, e) for layer, m in enumerate(cfg.moe_layers) if m for e in range(cfg.num_experts)

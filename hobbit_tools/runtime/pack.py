@@ -99,6 +99,20 @@ def open_pack(model_dir: Path, precision: str, key: str, direct: bool = True) ->
     return Pack(ShardFile(slots, direct=direct), int(info["slot_bytes"]), index, info["crc32"])
 
 
+def wanted(model_dir: str | Path) -> list[str]:
+    """The precisions whose loads would use a pack here: quantized types that torch's kernels
+    serve by default (ggml computes on the shard's own bytes and needs none)."""
+    from .loader import ModelFiles
+    from .store import default_kernel
+
+    types = ModelFiles(model_dir).manifest["types"]
+    return [
+        p
+        for p, q in types.items()
+        if p != "dense" and q not in UNPACKED_TYPES and default_kernel(q) == "torch"
+    ]
+
+
 def build(model_dir: str | Path, precisions=None, progress: bool = False) -> dict[str, str]:
     """Write (or refresh) the packs of `model_dir`; returns {precision: what was done}."""
     from .loader import ModelFiles
@@ -107,7 +121,8 @@ def build(model_dir: str | Path, precisions=None, progress: bool = False) -> dic
     files = ModelFiles(model_dir)
     done = {}
     for name in precisions or files.precisions:
-        store = ExpertStore(files, [name], torch.bfloat16, packs=False)
+        qtype = files.manifest["types"][name]
+        store = ExpertStore(files, [name], torch.bfloat16, packs=False, kernels={qtype: "torch"})
         try:
             p = store.p[name]
             if p.qtype in UNPACKED_TYPES:

@@ -1,13 +1,21 @@
 """Where every expert's bytes are on disk, and reading one into a memory slot.
 
 An expert is three slices (gate, up, down) of its layer's stacked tensors in a precision's
-shard. `ExpertStore.read(layer, expert, precision, slot)` reads them with direct I/O into a
-per-thread staging buffer, checks the manifest's crc32, converts them for the kernel
-(`QLinear.from_raw`), and moves the converted tensors into the slot: a cached expert lives
-entirely in its arena slot, so the cache's bytes are exactly its slots' bytes and a load
-allocates nothing that outlives it. Where the precision has a current slot pack (`pack.py`),
-a load is instead one direct read of the expert's ready-made image into the slot, and the
-kernels' tensors are views of it. Mechanism only: no policy here.
+shard. `ExpertStore.read(layer, expert, precision, slot)` puts it in `slot` (an arena slot:
+a cached expert lives entirely in it, so the cache's bytes are exactly its slots' bytes and
+a load allocates nothing that outlives it), by the precision's kernel:
+
+* ``ggml`` (quantized types, where ggml loads): the slot holds the expert's exact GGUF
+  bytes. A load is three direct reads straight into the slot and a crc32 check of the bytes
+  read, nothing else; ggml's kernels (`ggml.py`, the ones llama.cpp runs) compute on them
+  in place. No staging buffer, no conversion: the bytes in RAM are the bytes on disk.
+* ``torch``: the slices are read into a per-thread staging buffer, checked, converted for
+  torch's kernels (`QLinear.from_raw`) and moved into the slot; where the precision has a
+  current slot pack (`pack.py`), a load is one direct read of the ready-made image instead.
+  Float shards (F32/F16/BF16) always take this path (their slot image is their bytes).
+
+Which kernel serves a type is measured (`hobbit profile`), not assumed: `kernels` maps a
+GGUF type to its path. Mechanism only: no policy here.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import torch
 
 from ..errors import HobbitError
 from ..quantize.layout import ROLES, expert_tensor_name
-from .experts import Expert
+from . import ggml
+from .experts import Expert, GGUFExpert
 from .io import BLOCK, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
 from .loader import ModelFiles
@@ -51,6 +60,7 @@ class Precision:
     staging_bytes: int  # raw read: each slice widened to block boundaries
     slot_bytes: int = 0  # one expert converted for the kernel, as laid out in a slot
     image_bytes: int = 0  # slot_bytes rounded up to the direct-read block: a pack's image
+    kernel: str = "torch"  # "ggml": the slot holds GGUF bytes, computed in place
     layout: list = field(default_factory=list)  # [role, attribute, dtype, shape, offset]
     template: list = field(default_factory=list)  # the three QLinears, without tensors
     pack: Pack | None = None
@@ -61,6 +71,13 @@ class Precision:
         return self.image_bytes if self.pack is not None else self.expert_bytes
 
 
+def default_kernel(qtype: str) -> str:
+    """The path a type takes when nothing was measured: ggml for quantized types (where it
+    loads), torch for float shards."""
+    quantized = qtype not in UNPACKED_TYPES
+    return "ggml" if quantized and qtype in ggml.TYPES and ggml.available() else "torch"
+
+
 class ExpertStore:
     def __init__(
         self,
@@ -69,13 +86,20 @@ class ExpertStore:
         dtype: torch.dtype,
         direct: bool = True,
         packs: bool = True,
+        kernels: dict[str, str] | None = None,
     ):
         self.files = files
         self.dtype = dtype  # the model's compute dtype; see kernel_dtype
         self.verify = True
         self._local = threading.local()
+        self._graphs: dict[int, ggml.ExpertFFN] = {}  # slot address -> its one-token graph
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
         for p in self.p.values():
+            p.kernel = _kernel_for(p.qtype, kernels or {})
+            if p.kernel == "ggml":
+                # the slot is the read itself: each slice widened to block boundaries
+                p.slot_bytes = p.image_bytes = p.staging_bytes
+                continue
             self._measure_slot(p)
             if packs:
                 p.pack = self.open_pack(p, direct)
@@ -157,6 +181,8 @@ class ExpertStore:
         polled during the read; when true it raises io.ReadStopped (the slot then holds
         garbage)."""
         p = self.p[precision]
+        if p.kernel == "ggml":
+            return self._read_gguf(p, layer, expert, slot, stop)
         if p.pack is not None and from_pack:
             p.pack.read(layer, expert, slot[: p.pack.slot_bytes], self.verify, stop)
             return self._view(p, slot)
@@ -165,6 +191,15 @@ class ExpertStore:
         for lin in linears:
             offset = _place(lin, slot, offset)
         return Expert(*linears, nbytes=offset, dtype=self.kernel_dtype(p.qtype))
+
+    def _read_gguf(self, p: Precision, layer: int, expert: int, slot: np.ndarray, stop):
+        """The expert's GGUF bytes read straight into `slot`, checked, computed in place."""
+        views = self._read_parts(p, layer, expert, slot, stop)
+        mats = tuple(
+            (v.ctypes.data, p.qtype, s.shape)
+            for v, s in zip(views, p.slices[(layer, expert)], strict=True)
+        )
+        return GGUFExpert(mats, p.expert_bytes, slot, self._graphs)
 
     def _view(self, p: Precision, slot: np.ndarray) -> Expert:
         linears = [copy.copy(t) for t in p.template]
@@ -184,13 +219,19 @@ class ExpertStore:
     def _stage(
         self, p: Precision, layer: int, expert: int, stop=None
     ) -> list[tuple[np.ndarray, tuple[int, int]]]:
-        staging = self._staging(p)
-        parts, pos, crc = [], 0, 0
+        views = self._read_parts(p, layer, expert, self._staging(p), stop)
+        return [(v, s.shape) for v, s in zip(views, p.slices[(layer, expert)], strict=True)]
+
+    def _read_parts(self, p: Precision, layer: int, expert: int, buf: np.ndarray, stop):
+        """gate, up, down read into `buf` (block-aligned, at least p.staging_bytes), each at
+        a block boundary of its own; checked against the manifest's crc32. Returns the three
+        exact byte views."""
+        views, pos, crc = [], 0, 0
         for s in p.slices[(layer, expert)]:
             width = align_up(s.nbytes) + BLOCK
-            view = p.file.read_into(staging[pos : pos + width], s.offset, s.nbytes, stop)
+            view = p.file.read_into(buf[pos : pos + width], s.offset, s.nbytes, stop)
             crc = zlib.crc32(view, crc) if self.verify else crc
-            parts.append((view, s.shape))
+            views.append(view)
             pos += width
         want = p.crc.get((layer, expert))
         if self.verify and want is not None and crc != want:
@@ -199,7 +240,7 @@ class ExpertStore:
                 f"(crc32 {crc:08x}, manifest says {want:08x}); the shard is corrupt: "
                 "re-run `hobbit prepare`"
             )
-        return parts
+        return views
 
     def _convert(self, p: Precision, parts) -> list[QLinear]:
         return [
@@ -226,6 +267,16 @@ class ExpertStore:
             p.file.close()
             if p.pack is not None:
                 p.pack.close()
+
+
+def _kernel_for(qtype: str, kernels: dict[str, str]) -> str:
+    """kernels[qtype] where given and possible here, else the default."""
+    want = kernels.get(qtype)
+    if want == "ggml" and default_kernel(qtype) == "ggml":
+        return "ggml"
+    if want == "torch":
+        return "torch"
+    return default_kernel(qtype)
 
 
 def _tensors(lin: QLinear):

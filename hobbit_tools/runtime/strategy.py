@@ -56,11 +56,19 @@ def strategy(name: str, **overrides) -> Strategy:
 
 
 def build_backend(
-    files: ModelFiles, s: Strategy, precision: str, memory, dtype, model, io_threads=2, packs=True
+    files: ModelFiles,
+    s: Strategy,
+    precision: str,
+    memory,
+    dtype,
+    model,
+    io_threads=2,
+    packs=True,
+    kernels: dict[str, str] | None = None,
 ):
     """The ExpertBackend for strategy `s`; `model` supplies the routers for prefetching."""
     if s.cache == "resident":
-        return load_resident_experts(files, precision, dtype, packs)
+        return load_resident_experts(files, precision, dtype, packs, kernels)
     cfg = files.config
     precisions = [precision]
     if s.dynamic_precision:
@@ -70,7 +78,9 @@ def build_backend(
                 "no low-precision shard: prepare with --low TYPE, or pass --no-dynamic-precision"
             )
         precisions = ["high", "low"]
-    store = ExpertStore(files, sorted(set(precisions) | {"high"}), dtype, packs=packs)
+    store = ExpertStore(
+        files, sorted(set(precisions) | {"high"}), dtype, packs=packs, kernels=kernels
+    )
     slot = {p: store.p[p].slot_bytes for p in precisions}
     if memory is None:
         if s.cache != "ondemand":

@@ -1,0 +1,387 @@
+"""ggml's CPU kernels, the ones llama.cpp runs, called on GGUF bytes where they lie.
+
+A thin ctypes binding to the prebuilt ggml of the `libggml-python` wheel: a weight is a
+pointer to its exact GGUF bytes (an expert's slot in the cache, a dense tensor in RAM),
+activations are float32 torch tensors. Each call builds a tiny graph in reused memory
+(two `ggml_init` on our own buffers, a few tensor headers whose `data` we point at the
+weights and the input) and runs it on a persistent ggml thread pool: no weight is copied or
+converted, ever. `ffn` computes a whole expert, down(silu(gate x) * up x), in one graph.
+
+Struct layouts follow `ggml.h`/`ggml-cpu.h` of ggml 0.20 (the wheel's version); `available()`
+is False, with a reason, where the library is missing or does not load, and callers then
+use torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+import threading
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+_MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
+
+
+class _Tensor(C.Structure):
+    _fields_ = [
+        ("type", C.c_int),
+        ("buffer", C.c_void_p),
+        ("ne", C.c_int64 * _MAX_DIMS),
+        ("nb", C.c_size_t * _MAX_DIMS),
+        ("op", C.c_int),
+        ("op_params", C.c_int32 * (_MAX_OP_PARAMS // 4)),
+        ("flags", C.c_int32),
+        ("src", C.c_void_p * _MAX_SRC),
+        ("view_src", C.c_void_p),
+        ("view_offs", C.c_size_t),
+        ("data", C.c_void_p),
+        ("name", C.c_char * _MAX_NAME),
+        ("extra", C.c_void_p),
+        ("padding", C.c_char * 8),
+    ]
+
+
+class _InitParams(C.Structure):
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+
+
+class _CPlan(C.Structure):
+    _fields_ = [
+        ("work_size", C.c_size_t),
+        ("work_data", C.c_void_p),
+        ("n_threads", C.c_int),
+        ("threadpool", C.c_void_p),
+        ("abort_callback", C.c_void_p),
+        ("abort_callback_data", C.c_void_p),
+        ("use_ref", C.c_bool),
+    ]
+
+
+_T = C.POINTER(_Tensor)
+_DATA = _Tensor.data.offset
+
+
+class _Lib:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, libdir: Path):
+        mode = C.RTLD_GLOBAL  # libggml-cpu needs libggml-base's symbols
+        base = C.CDLL(str(libdir / "libggml-base.so"), mode=mode)
+        cpu = C.CDLL(str(libdir / "libggml-cpu.so"), mode=mode)
+        self.cpu, self.base = cpu, base
+        vp, sz, i64 = C.c_void_p, C.c_size_t, C.c_int64
+
+        def fn(lib, name, res, *args):
+            f = getattr(lib, name)
+            f.restype, f.argtypes = res, list(args)
+            return f
+
+        self.init = fn(base, "ggml_init", vp, _InitParams)
+        self.free = fn(base, "ggml_free", None, vp)
+        self.tensor_overhead = fn(base, "ggml_tensor_overhead", sz)
+        self.graph_overhead = fn(base, "ggml_graph_overhead_custom", sz, sz, C.c_bool)
+        self.new_2d = fn(base, "ggml_new_tensor_2d", _T, vp, C.c_int, i64, i64)
+        self.mul_mat = fn(base, "ggml_mul_mat", _T, vp, _T, _T)
+        self.swiglu = fn(base, "ggml_swiglu_split", _T, vp, _T, _T)
+        self.new_graph = fn(base, "ggml_new_graph_custom", vp, vp, sz, C.c_bool)
+        self.expand = fn(base, "ggml_build_forward_expand", None, vp, _T)
+        self.row_size = fn(base, "ggml_row_size", sz, C.c_int, i64)
+        self.plan = fn(cpu, "ggml_graph_plan", _CPlan, vp, C.c_int, vp)
+        self.compute = fn(cpu, "ggml_graph_compute", C.c_int, vp, C.POINTER(_CPlan))
+        self.tp_params_init = fn(base, "ggml_threadpool_params_init", None, vp, C.c_int)
+        self.tp_new = fn(cpu, "ggml_threadpool_new", vp, vp)
+        self.cpu_init = fn(cpu, "ggml_cpu_init", None)
+        self.has = {
+            f: bool(fn(cpu, f"ggml_cpu_has_{f}", C.c_int)())
+            for f in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8", "llamafile")
+        }
+        self.cpu_init()
+
+
+_lib: _Lib | None = None
+_why_not: str | None = None
+_load_lock = threading.Lock()
+
+
+def _libdir() -> Path:
+    import libggml  # the prebuilt ggml wheel (`libggml-python`)
+
+    root = Path(libggml.__file__).parent
+    for sub in ("lib64", "lib"):
+        if (root / sub / "libggml-cpu.so").exists():
+            return root / sub
+    raise OSError(f"no libggml-cpu.so under {root}")
+
+
+def lib() -> _Lib | None:
+    """The library, loaded once; None where it cannot be (see `why_not`)."""
+    global _lib, _why_not
+    with _load_lock:
+        if _lib is None and _why_not is None:
+            try:
+                _lib = _Lib(_libdir())
+            except (ImportError, OSError, AttributeError) as e:
+                _why_not = f"ggml kernels unavailable ({e}); using torch's"
+    return _lib
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+def why_not() -> str | None:
+    lib()
+    return _why_not
+
+
+def cpu_features() -> dict[str, bool]:
+    """What the loaded ggml build uses on this CPU (compile-time ISA, e.g. an AVX2 build)."""
+    lb = lib()
+    return dict(lb.has) if lb else {}
+
+
+# Types whose GGUF bytes ggml's CPU matmul reads directly (and that hobbit writes).
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+         "Q5_K", "Q6_K", "MXFP4")  # fmt: skip
+
+
+def type_id(qtype: str) -> int:
+    return int(gguf.GGMLQuantizationType[qtype])
+
+
+class _Pool:
+    """A persistent ggml thread pool per thread count (creating threads per call costs more
+    than a small expert's matmul)."""
+
+    def __init__(self):
+        self.pools: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def get(self, n: int) -> int | None:
+        if n <= 1:
+            return None
+        with self.lock:
+            if n not in self.pools:
+                lb = lib()
+                params = C.create_string_buffer(4096)  # > sizeof(ggml_threadpool_params)
+                lb.tp_params_init(params, n)
+                self.pools[n] = lb.tp_new(params)
+            return self.pools[n]
+
+
+_pools = _Pool()
+_threads = max(1, min(os.cpu_count() or 1, 4))
+
+
+def set_threads(n: int) -> None:
+    """Threads each ggml call uses (the runtime sets it with torch's)."""
+    global _threads
+    _threads = max(1, int(n))
+
+
+def threads() -> int:
+    return _threads
+
+
+class _Scratch(threading.local):
+    """Per calling thread: memory for graph headers, intermediates and the work buffer,
+    grown as needed and reused (fresh memory costs page faults on every call)."""
+
+    def __init__(self):
+        self.meta = np.empty(0, np.uint8)
+        self.data = np.empty(0, np.uint8)
+        self.work = np.empty(0, np.uint8)
+
+    def get(self, name: str, n: int) -> np.ndarray:
+        buf = getattr(self, name)
+        if buf.size < n:
+            buf = np.empty(max(n, 2 * buf.size, 1 << 16), np.uint8)
+            setattr(self, name, buf)
+        return buf
+
+
+_scratch = _Scratch()
+_GRAPH_NODES = 64
+
+
+def _ptr(a) -> int:
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    return a.ctypes.data
+
+
+class _Graph:
+    """One call's graph: weights and input in a no-alloc context (pointers set by us),
+    intermediates and the output in a second context on scratch memory."""
+
+    def __init__(self, data_bytes: int, n_tensors: int):
+        lb = self.lb = lib()
+        over = lb.tensor_overhead()
+        meta_bytes = over * n_tensors + lb.graph_overhead(_GRAPH_NODES, False) + 1024
+        meta = _scratch.get("meta", meta_bytes)
+        self.leaf = lb.init(_InitParams(meta_bytes, meta.ctypes.data, True))
+        data_bytes += over * 16 + lb.graph_overhead(_GRAPH_NODES, False) + 4096
+        data = _scratch.get("data", data_bytes)
+        self.ops = lb.init(_InitParams(data_bytes, data.ctypes.data, False))
+
+    def leaf2d(self, qtype: str, cols: int, rows: int, ptr: int) -> _T:
+        t = self.lb.new_2d(self.leaf, type_id(qtype), cols, rows)
+        _set_data(t, ptr)
+        return t
+
+    def run(self, out: _T) -> np.ndarray:
+        lb = self.lb
+        g = lb.new_graph(self.ops, _GRAPH_NODES, False)
+        lb.expand(g, out)
+        n = _threads
+        plan = lb.plan(g, n, _pools.get(n))
+        if plan.work_size:
+            plan.work_data = _scratch.get("work", plan.work_size).ctypes.data
+        status = lb.compute(g, C.byref(plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        rows, cols = out.contents.ne[1], out.contents.ne[0]
+        buf = (C.c_float * (rows * cols)).from_address(out.contents.data)
+        return np.ctypeslib.as_array(buf).reshape(rows, cols)
+
+    def close(self) -> None:
+        self.lb.free(self.ops)
+        self.lb.free(self.leaf)
+
+
+def linear(x: torch.Tensor, w: tuple[int, str, tuple[int, int]]) -> torch.Tensor:
+    """x [T, in] float32 contiguous; w = (pointer to GGUF bytes, type, (out, in)) -> [T, out]."""
+    ptr, qtype, (n, k) = w
+    x = _f32(x)
+    g = _Graph(4 * x.shape[0] * n, 4)
+    try:
+        w_t, x_t = g.leaf2d(qtype, k, n, ptr), g.leaf2d("F32", k, x.shape[0], _ptr(x))
+        y = g.run(g.lb.mul_mat(g.ops, w_t, x_t))
+        return torch.from_numpy(y.copy())
+    finally:
+        g.close()
+
+
+def ffn(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for x [T, D] float32, each matrix (ptr, type, (out, in)),
+    in one graph and one compute call. Returns float32 [T, D]."""
+    x = _f32(x)
+    t = x.shape[0]
+    (pg, qg, (f, d)), (pu, qu, _), (pd, qd, _) = gate, up, down
+    g = _Graph(4 * t * (3 * f + d), 8)
+    try:
+        lb = g.lb
+        xt = g.leaf2d("F32", d, t, _ptr(x))
+        hg = lb.mul_mat(g.ops, g.leaf2d(qg, d, f, pg), xt)
+        hu = lb.mul_mat(g.ops, g.leaf2d(qu, d, f, pu), xt)
+        y = g.run(lb.mul_mat(g.ops, g.leaf2d(qd, f, d, pd), lb.swiglu(g.ops, hg, hu)))
+        return torch.from_numpy(y.copy())
+    finally:
+        g.close()
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        x = x.float()
+    return x.contiguous()
+
+
+class _Shapes(threading.local):
+    """Per thread and expert shape (D, F): the one-token input, intermediates, output and
+    work buffers that every cached expert graph of that shape computes in."""
+
+    def __init__(self):
+        self.by_shape: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def get(self, d: int, f: int) -> dict[str, np.ndarray]:
+        bufs = self.by_shape.get((d, f))
+        if bufs is None:
+            bufs = {name: np.zeros(n, np.float32) for name, n in
+                    (("x", d), ("g", f), ("u", f), ("h", f), ("y", d))}  # fmt: skip
+            bufs["work"] = np.zeros(0, np.uint8)
+            self.by_shape[(d, f)] = bufs
+        return bufs
+
+
+_shapes = _Shapes()
+
+
+class ExpertFFN:
+    """One expert's one-token graph, down(silu(gate x) * up x), built once and run many
+    times: the weights' data pointers are rewritten before each run (a slot's bytes sit at
+    an offset that depends on the expert read into it), the activations live in buffers
+    shared by every expert of the same shape. A run is then one copy in, one ggml call and
+    one copy out. Tokens > 1 (prefill) go through `ffn`."""
+
+    def __init__(self, gate, up, down):
+        lb = self.lb = lib()
+        (_, qg, (f, d)), (_, qu, _), (_, qd, _) = gate, up, down
+        self.d, self.f = d, f
+        self.bufs = _shapes.get(d, f)
+        size = lb.tensor_overhead() * 10 + lb.graph_overhead(16, False) + 256
+        self._meta = np.empty(size, np.uint8)
+        self.ctx = lb.init(_InitParams(size, self._meta.ctypes.data, True))
+        b = self.bufs
+
+        def leaf(qtype, cols, rows, data):
+            t = lb.new_2d(self.ctx, type_id(qtype), cols, rows)
+            if data is not None:
+                _set_data(t, data.ctypes.data)
+            return t
+
+        x = leaf("F32", d, 1, b["x"])
+        self.w = [leaf(qg, d, f, None), leaf(qu, d, f, None), leaf(qd, f, d, None)]
+        hg, hu = lb.mul_mat(self.ctx, self.w[0], x), lb.mul_mat(self.ctx, self.w[1], x)
+        _set_data(hg, b["g"].ctypes.data)
+        _set_data(hu, b["u"].ctypes.data)
+        h = lb.swiglu(self.ctx, hg, hu)
+        _set_data(h, b["h"].ctypes.data)
+        y = lb.mul_mat(self.ctx, self.w[2], h)
+        _set_data(y, b["y"].ctypes.data)
+        self.graph = lb.new_graph(self.ctx, 16, False)
+        lb.expand(self.graph, y)
+        self._w_addr = [C.addressof(t.contents) + _DATA for t in self.w]
+        self._plan_threads = 0
+        self.bind(gate[0], up[0], down[0])
+
+    def bind(self, *ptrs: int) -> None:
+        """Point the graph at (another) expert's bytes: gate, up, down addresses."""
+        self.ptrs = ptrs
+
+    def _plan(self) -> _CPlan:
+        n = _threads
+        if self._plan_threads != n:
+            self.plan = self.lb.plan(self.graph, n, _pools.get(n))
+            work = self.bufs["work"]
+            if work.size < self.plan.work_size:
+                work = self.bufs["work"] = np.zeros(self.plan.work_size, np.uint8)
+            self.plan.work_data = work.ctypes.data
+            self._plan_threads = n
+        return self.plan
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, D] (any float dtype) -> [1, D] float32."""
+        b = self.bufs
+        b["x"][:] = x.reshape(-1).float().numpy()
+        for addr, p in zip(self._w_addr, self.ptrs, strict=True):
+            C.c_void_p.from_address(addr).value = p
+        plan = self._plan()
+        if plan.work_size and plan.work_data != b["work"].ctypes.data:
+            plan.work_data = b["work"].ctypes.data
+        status = self.lb.compute(self.graph, C.byref(plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return torch.from_numpy(b["y"].copy()).view(1, -1)
+
+    def __del__(self):
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
+            self.lb.free(ctx)
+
+
+def _set_data(t, ptr: int) -> None:
+    C.c_void_p.from_address(C.addressof(t.contents) + _DATA).value = ptr

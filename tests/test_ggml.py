@@ -1,0 +1,104 @@
+"""ggml's kernels on GGUF bytes (`runtime/ggml.py`) against the reference: gguf's dequantizer,
+then a float64 matmul.
+
+Tolerance: relative Frobenius error over the output. ggml quantizes the activations to the
+type's dot-product partner (Q8_0 for Q8_0/Q4_0/Q4_1, Q8_K for the K-quants) before the
+integer dot products, as llama.cpp does: ~0.4% relative error per element for 8-bit
+activations (measured worst 6e-3 here). F16 weights take fp16 activations (2^-11 rounding:
+measured 1.5e-4); F32 ones are exact to fp32 rounding.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hobbit_tools.quantize import qtypes
+from hobbit_tools.runtime import ggml
+from hobbit_tools.runtime.experts import GGUFExpert
+from hobbit_tools.runtime.kernels import dequantize_torch, reference_linear
+
+pytestmark = pytest.mark.skipif(not ggml.available(), reason=str(ggml.why_not()))
+
+TOL_Q = 1.5e-2
+TOL_F32, TOL_F16 = 1e-5, 1e-3
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K", "F32", "F16"]
+SHAPES = [(40, 256), (33, 768), (97, 512)]  # odd row counts, block multiples of columns
+
+
+def _raw(qtype, out, cols, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((out, cols)) * 0.02).astype(np.float32)
+    w[:, :8] += 0.05  # some column structure, so mins and zeros matter
+    return np.ascontiguousarray(qtypes.quantize(w, qtype).reshape(-1).view(np.uint8))
+
+
+def rel(y, ref) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def tol(qtype) -> float:
+    return {"F32": TOL_F32, "F16": TOL_F16}.get(qtype, TOL_Q)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_linear_matches_reference(qtype, shape, tokens):
+    n, k = shape
+    raw = _raw(qtype, n, k)
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(1))
+    y = ggml.linear(x, (raw.ctypes.data, qtype, shape))
+    assert y.shape == (tokens, n) and y.dtype == torch.float32
+    assert rel(y, reference_linear(x, raw, qtype, shape)) < tol(qtype)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q2_K"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_expert_ffn_matches_reference(qtype, tokens):
+    d, f = 256, 256
+    raws = [_raw(qtype, f, d, 0), _raw(qtype, f, d, 1), _raw(qtype, d, f, 2)]
+    mats = tuple(
+        (r.ctypes.data, qtype, s) for r, s in zip(raws, [(f, d), (f, d), (d, f)], strict=True)
+    )
+    slot = np.zeros(8, np.uint8)
+    expert = GGUFExpert(mats, sum(r.size for r in raws), slot, {})
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(2))
+    g, u, dn = (
+        dequantize_torch(torch.from_numpy(r), qtype, m[2]) for r, m in zip(raws, mats, strict=True)
+    )
+    ref = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), dn)
+    assert rel(expert(x), ref) < 2 * TOL_Q
+
+
+def test_cached_one_token_graph_is_bit_identical_to_a_fresh_one():
+    d, f = 256, 512
+    raws = [_raw("Q4_K", f, d, 0), _raw("Q4_K", f, d, 1), _raw("Q4_K", d, f, 2)]
+    mats = tuple(
+        (r.ctypes.data, "Q4_K", s) for r, s in zip(raws, [(f, d), (f, d), (d, f)], strict=True)
+    )
+    graph = ggml.ExpertFFN(*mats)
+    for seed in range(3):
+        x = torch.randn(1, d, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(graph(x), ggml.ffn(x, *mats))
+    # re-pointed at another expert's bytes: computes that expert
+    other = [_raw("Q4_K", f, d, 5), _raw("Q4_K", f, d, 6), _raw("Q4_K", d, f, 7)]
+    mats2 = tuple((r.ctypes.data, "Q4_K", m[2]) for r, m in zip(other, mats, strict=True))
+    graph.bind(*(m[0] for m in mats2))
+    assert torch.equal(graph(x), ggml.ffn(x, *mats2))
+    assert not torch.equal(graph(x), ggml.ffn(x, *mats))
+
+
+def test_thread_count_does_not_change_results():
+    n, k = 160, 512
+    raw = _raw("Q8_0", n, k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(3))
+    before = ggml.threads()
+    try:
+        ggml.set_threads(1)
+        one = ggml.linear(x, (raw.ctypes.data, "Q8_0", (n, k)))
+        ggml.set_threads(2)
+        two = ggml.linear(x, (raw.ctypes.data, "Q8_0", (n, k)))
+    finally:
+        ggml.set_threads(before)
+    assert torch.equal(one, two)
