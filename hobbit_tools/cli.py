@@ -106,7 +106,10 @@ def _load(
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("-o", "--out", type=click.Path(path_type=str), help="Model dir to write.")
 @click.option(
-    "--dense", help=f"Type of non-expert tensors ({TYPE_HELP}). Default: the checkpoint's dtype."
+    "--dense",
+    help=f"Type of non-expert matrices ({TYPE_HELP}, or a quantized type such as Q8_0, as "
+    "llama.cpp's converter writes a Q8_0 model; norms and routers stay F32). "
+    "Default: the checkpoint's dtype.",
 )
 @click.option(
     "--high",
@@ -276,10 +279,18 @@ def run(
         f"{info['precision']} experts ({info['expert_type']}), {info['dtype']}]\n"
         f"[experts: {info['policy']}, cache {_gib(info['cache_bytes'])} of "
         f"{_gib(info['full_cache_bytes'])}, hit rate {s['hit_rate']:.0%}{mix}, "
-        f"read {_gib(s['bytes_read'])}, waited {s['io_wait_s']:.2f} s on I/O | "
-        f"peak RSS {_gib(s['peak_rss_bytes'])}]",
+        f"read {_gib(s['bytes_read'])}, waited {s['io_wait_s']:.2f} s on I/O]\n"
+        f"[memory: {_memory_parts(info['memory'], s['kv_bytes'])}, peak RSS {_gib(s['peak_rss_bytes'])}]",
         err=True,
     )
+
+
+def _memory_parts(parts: dict, kv_now: int) -> str:
+    parts = {**parts, "kv": kv_now}
+    names = {"runtime": "runtime", "dense": "dense", "kv": "KV", "expert_cache": "expert cache",
+             "staging": "staging"}  # fmt: skip
+    shown = " + ".join(f"{names[k]} {_gib(v)}" for k, v in parts.items() if v or k != "staging")
+    return f"{shown} = {_gib(sum(parts.values()))}"
 
 
 @main.command()

@@ -102,3 +102,21 @@ def test_thread_count_does_not_change_results():
     finally:
         ggml.set_threads(before)
     assert torch.equal(one, two)
+
+
+def test_q8_0_dense_shard_runs_on_its_bytes(tmp_path, tokenizer_dir):
+    """--dense Q8_0 (as llama.cpp's converter writes a Q8_0 model): matrices stay GGUF bytes,
+    the greedy tokens match the F32-dense model's, and offloading stays bit-identical."""
+    import hobbit_tools
+    from tiny_models import make_checkpoint, quantizable
+
+    make_checkpoint("mixtral", tmp_path / "hf", tokenizer_dir, **quantizable(num_hidden_layers=2))
+    for dense in ("F32", "Q8_0"):
+        hobbit_tools.prepare(tmp_path / "hf", tmp_path / dense, dense=dense, high="Q8_0")
+    f32, q8 = hobbit_tools.load(tmp_path / "F32"), hobbit_tools.load(tmp_path / "Q8_0")
+    assert q8.info["dense_bytes"] < f32.info["dense_bytes"] / 3
+    ids = f32.encode("Now is the winter of our discontent")
+    a = f32.generate(ids, max_new_tokens=8, stop_at_eos=False).token_ids
+    assert q8.generate(ids, max_new_tokens=8, stop_at_eos=False).token_ids == a
+    off = hobbit_tools.load(tmp_path / "Q8_0", memory="50%")
+    assert torch.equal(off.logits(ids), q8.logits(ids))

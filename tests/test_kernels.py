@@ -69,8 +69,10 @@ def test_path_matches_reference(cls, t):
         for T in TOKENS:
             x = torch.randn(T, cols, generator=g).to(torch.bfloat16)
             ref = K.reference_linear(x, raw, t, (out, cols))
-            # both routes: the decode kernel and the fp32 prefill route
-            for route in (0, 1):
+            # both routes: the decode kernel and the fp32 prefill route (which unpacks our own
+            # int4 layout, so it exists only where torch's converter agrees with it)
+            routes = (0,) if cls is K.Int4Linear and not K.int4_layout_ok() else (0, 1)
+            for route in routes:
                 lin.prefill_min_tokens = route
                 y = lin(x)
                 assert y.shape == (T, out) and y.dtype == torch.bfloat16 and y.is_contiguous()
@@ -117,6 +119,8 @@ def test_deterministic_and_owns_its_memory(cls, t):
 
 def test_dense_weight_is_what_the_path_computes():
     for cls, t in PATHS:
+        if cls is K.Int4Linear and not K.int4_layout_ok():
+            continue  # its expansion reads our own layout only (see the prefill route)
         raw = make_raw(t, 40, 512)
         lin = cls.from_raw(raw, t, (40, 512), torch.bfloat16)
         w = torch.from_numpy(qtypes.dequantize(raw.numpy(), t, (40, 512)))
@@ -136,7 +140,8 @@ def test_dequantize_torch_matches_gguf(t):
 
 
 def test_int4_packing_matches_torch():
-    assert K.int4_layout_ok()
+    if not K.int4_layout_ok():
+        pytest.skip("torch packs int4 in another layout on this CPU (its converter is used)")
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (96, 256), generator=g, dtype=torch.uint8)
     want = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)

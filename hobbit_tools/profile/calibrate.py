@@ -118,4 +118,6 @@ def score_histogram(log: RoutingLog, bins: int = 10) -> dict[int, list[int]]:
 
 
 def _dtype(expert: Expert) -> torch.dtype:
-    return getattr(expert.gate, "dtype", torch.float32)
+    if getattr(expert, "dtype", None) is not None:
+        return expert.dtype
+    return getattr(getattr(expert, "gate", None), "dtype", torch.float32)

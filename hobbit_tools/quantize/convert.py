@@ -84,7 +84,7 @@ def prepare(
     cfg = ModelConfig.from_hf(ckpt.config)
     fam = cfg.spec
     defaults = default_types(ckpt.source_dtype(), cfg)
-    dense = _check_type(dense or defaults["dense"], "--dense", FLOAT_TYPES)
+    dense = _check_type(dense or defaults["dense"], "--dense")
     precisions = [Precision("high", _check_type(high or defaults["high"], "--high"))]
     low = defaults["low"] if low is None else (None if str(low).lower() == "none" else low)
     if low:

@@ -147,7 +147,9 @@ def dense_plan(
                 f"{hf} has shape {list(shape)}, expected {list(want)} from config.json"
             )
         # Norms, biases and routers stay F32, as llama.cpp keeps them: routing is sensitive.
-        t = qtype if len(shape) == 2 and "ffn_gate_inp" not in g else "F32"
+        # A matrix whose rows are no whole number of the type's blocks stays F32 too.
+        blocks = len(shape) == 2 and shape[1] % qtypes.block_size(qtype) == 0
+        t = qtype if blocks and "ffn_gate_inp" not in g else "F32"
         nbytes = shape[0] * qtypes.row_nbytes(t, shape[1]) if len(shape) == 2 else shape[0] * 4
         plans.append(DenseTensor(TensorPlan(g, tuple(shape), t, nbytes), hf, _transform(cfg, g)))
     return plans

@@ -52,6 +52,9 @@ def load(
         bytes in place), "torch" (converted after the read, or from a slot pack), or a dict
         {type: path}; default: the tuned config's measured choice, else ggml where it loads.
     """
+    from .generate import rss_bytes
+
+    floor = rss_bytes()  # the interpreter, torch and hobbit, before the model
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
     tuned = None
@@ -104,6 +107,14 @@ def load(
         "cache_bytes": backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0)),
         "dense_bytes": model.dense_bytes,
         "kv_bytes": model.cache.nbytes,
+        # what the process holds, by part (KV as allocated now: it grows with the context)
+        "memory": {
+            "runtime": floor,
+            "dense": model.dense_bytes,
+            "kv": model.cache.nbytes,
+            "expert_cache": backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0)),
+            "staging": _staging_bytes(backend, io_threads),
+        },
         "expert_shard_bytes": files.manifest["expert_shard_bytes"]["high"],
         "full_cache_bytes": full_cache_bytes(
             files,
@@ -117,6 +128,15 @@ def load(
         "packed": _packed(backend),
     }
     return Runtime(model, tokenizer(files), info)
+
+
+def _staging_bytes(backend, io_threads: int) -> int:
+    """Per-thread read buffers of the torch kernels' loads (ggml's read into the slot)."""
+    store = getattr(backend, "store", None)
+    if store is None:
+        return 0
+    torch_loads = [p.staging_bytes for p in store.p.values() if p.kernel == "torch" and not p.pack]
+    return io_threads * max(torch_loads, default=0)
 
 
 def _packed(backend) -> dict[str, bool]:

@@ -174,9 +174,19 @@ class Runtime:
             **_delta(end, base),
             "decode_bytes_read_per_token": decode_bytes / forwards if forwards else 0.0,
             "peak_rss_bytes": peak_rss_bytes(),
+            "kv_bytes": self.model.cache.nbytes,
             "per_token": per_token,
         }
         return Generation(stops.text, new, stats, reason)
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux; 0 where /proc is absent)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * resource.getpagesize()
 
 
 def peak_rss_bytes() -> int:

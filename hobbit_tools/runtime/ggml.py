@@ -15,7 +15,6 @@ use torch's kernels.
 from __future__ import annotations
 
 import ctypes as C
-import os
 import threading
 from pathlib import Path
 
@@ -174,7 +173,11 @@ class _Pool:
 
 
 _pools = _Pool()
-_threads = max(1, min(os.cpu_count() or 1, 4))
+# One thread unless told otherwise (`set_threads`, `hobbit run --threads`): on a loaded machine
+# a second ggml worker waits for the scheduler at every call (measured here under load: a
+# 0.6 ms expert took 6-70 ms on two threads); `hobbit profile` measures what this machine
+# gains from more.
+_threads = 1
 
 
 def set_threads(n: int) -> None:
@@ -310,77 +313,115 @@ class _Shapes(threading.local):
 _shapes = _Shapes()
 
 
-class ExpertFFN:
-    """One expert's one-token graph, down(silu(gate x) * up x), built once and run many
-    times: the weights' data pointers are rewritten before each run (a slot's bytes sit at
-    an offset that depends on the expert read into it), the activations live in buffers
-    shared by every expert of the same shape. A run is then one copy in, one ggml call and
-    one copy out. Tokens > 1 (prefill) go through `ffn`."""
+class _OneToken:
+    """A graph for one token built once and run many times, in a context of our own whose
+    tensors all point at memory we own (`bufs`): a run is one copy in, one ggml call and
+    one copy out. Subclasses build the graph in `_build` from `self.leaf` and `self.out`."""
 
-    def __init__(self, gate, up, down):
+    def __init__(self, bufs: dict[str, np.ndarray], n_tensors: int):
         lb = self.lb = lib()
-        (_, qg, (f, d)), (_, qu, _), (_, qd, _) = gate, up, down
-        self.d, self.f = d, f
-        self.bufs = _shapes.get(d, f)
-        size = lb.tensor_overhead() * 10 + lb.graph_overhead(16, False) + 256
+        self.bufs = bufs
+        size = lb.tensor_overhead() * n_tensors + lb.graph_overhead(16, False) + 256
         self._meta = np.empty(size, np.uint8)
         self.ctx = lb.init(_InitParams(size, self._meta.ctypes.data, True))
-        b = self.bufs
+        self._plan_threads = 0
 
-        def leaf(qtype, cols, rows, data):
-            t = lb.new_2d(self.ctx, type_id(qtype), cols, rows)
-            if data is not None:
-                _set_data(t, data.ctypes.data)
-            return t
+    def leaf(self, qtype: str, cols: int, rows: int, data: np.ndarray | None) -> _T:
+        t = self.lb.new_2d(self.ctx, type_id(qtype), cols, rows)
+        if data is not None:
+            _set_data(t, data.ctypes.data)
+        return t
 
-        x = leaf("F32", d, 1, b["x"])
-        self.w = [leaf(qg, d, f, None), leaf(qu, d, f, None), leaf(qd, f, d, None)]
+    def finish(self, y: _T) -> None:
+        _set_data(y, self.bufs["y"].ctypes.data)
+        self.graph = self.lb.new_graph(self.ctx, 16, False)
+        self.lb.expand(self.graph, y)
+
+    def _plan(self) -> _CPlan:
+        n, b = _threads, self.bufs
+        if self._plan_threads != n:
+            self.plan = self.lb.plan(self.graph, n, _pools.get(n))
+            if b["work"].size < self.plan.work_size:
+                b["work"] = np.zeros(self.plan.work_size, np.uint8)
+            self._plan_threads = n
+        self.plan.work_data = b["work"].ctypes.data  # shared buffers may have grown
+        return self.plan
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, in] (any float dtype) -> [1, out] float32."""
+        self.bufs["x"][:] = x.reshape(-1).float().numpy()
+        status = self.lb.compute(self.graph, C.byref(self._plan()))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return torch.from_numpy(self.bufs["y"].copy()).view(1, -1)
+
+    def __del__(self):
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
+            self.lb.free(ctx)
+
+
+class ExpertFFN(_OneToken):
+    """One expert's one-token graph, down(silu(gate x) * up x), built once per cache slot:
+    the weights' data pointers are rewritten before each run (`bind`: a slot's bytes sit at
+    an offset that depends on the expert read into it), the activations live in buffers
+    shared by every expert of the same shape. Tokens > 1 (prefill) go through `ffn`."""
+
+    def __init__(self, gate, up, down):
+        (_, qg, (f, d)), (_, qu, _), (_, qd, _) = gate, up, down
+        super().__init__(_shapes.get(d, f), 10)
+        lb, b = self.lb, self.bufs
+        x = self.leaf("F32", d, 1, b["x"])
+        self.w = [self.leaf(qg, d, f, None), self.leaf(qu, d, f, None), self.leaf(qd, f, d, None)]
         hg, hu = lb.mul_mat(self.ctx, self.w[0], x), lb.mul_mat(self.ctx, self.w[1], x)
         _set_data(hg, b["g"].ctypes.data)
         _set_data(hu, b["u"].ctypes.data)
         h = lb.swiglu(self.ctx, hg, hu)
         _set_data(h, b["h"].ctypes.data)
-        y = lb.mul_mat(self.ctx, self.w[2], h)
-        _set_data(y, b["y"].ctypes.data)
-        self.graph = lb.new_graph(self.ctx, 16, False)
-        lb.expand(self.graph, y)
+        self.finish(lb.mul_mat(self.ctx, self.w[2], h))
         self._w_addr = [C.addressof(t.contents) + _DATA for t in self.w]
-        self._plan_threads = 0
         self.bind(gate[0], up[0], down[0])
 
     def bind(self, *ptrs: int) -> None:
         """Point the graph at (another) expert's bytes: gate, up, down addresses."""
         self.ptrs = ptrs
 
-    def _plan(self) -> _CPlan:
-        n = _threads
-        if self._plan_threads != n:
-            self.plan = self.lb.plan(self.graph, n, _pools.get(n))
-            work = self.bufs["work"]
-            if work.size < self.plan.work_size:
-                work = self.bufs["work"] = np.zeros(self.plan.work_size, np.uint8)
-            self.plan.work_data = work.ctypes.data
-            self._plan_threads = n
-        return self.plan
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, D] (any float dtype) -> [1, D] float32."""
-        b = self.bufs
-        b["x"][:] = x.reshape(-1).float().numpy()
         for addr, p in zip(self._w_addr, self.ptrs, strict=True):
             C.c_void_p.from_address(addr).value = p
-        plan = self._plan()
-        if plan.work_size and plan.work_data != b["work"].ctypes.data:
-            plan.work_data = b["work"].ctypes.data
-        status = self.lb.compute(self.graph, C.byref(plan))
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
-        return torch.from_numpy(b["y"].copy()).view(1, -1)
+        return self.run(x)
 
-    def __del__(self):
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx:
-            self.lb.free(ctx)
+
+class Linear(_OneToken):
+    """A dense weight held as its GGUF bytes (uint8 torch tensor [out, row bytes]) and
+    computed by ggml: y = x @ W.T, in the caller's dtype. One token runs a graph cached
+    here; more tokens build one per call. `rows(ids)` dequantizes rows (embeddings)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int]):
+        n, k = int(shape[0]), int(shape[1])
+        bufs = {"x": np.zeros(k, np.float32), "y": np.zeros(n, np.float32)}
+        bufs["work"] = np.zeros(0, np.uint8)
+        super().__init__(bufs, 3)
+        self.raw, self.qtype, self.shape = raw.contiguous(), qtype, (n, k)
+        self.mat = (self.raw.data_ptr(), qtype, self.shape)
+        w = self.leaf(qtype, k, n, None)
+        _set_data(w, self.mat[0])
+        self.finish(self.lb.mul_mat(self.ctx, w, self.leaf("F32", k, 1, self.bufs["x"])))
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            return self.run(x).to(x.dtype)
+        return linear(x.reshape(-1, self.shape[1]), self.mat).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        from .kernels import dequantize_torch
+
+        picked = self.raw[ids.reshape(-1)]
+        return dequantize_torch(picked, self.qtype, (picked.shape[0], self.shape[1]))
 
 
 def _set_data(t, ptr: int) -> None:

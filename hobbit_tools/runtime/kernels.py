@@ -485,7 +485,9 @@ class Int4Linear(QLinear):
         self.sz = _as_torch(sz, torch.bfloat16)
         self.path = "int4pack-g32" + ("-split" if split else "")
         self.nbytes = self.packed.numel() + self.sz.numel() * 2
-        self.prefill_min_tokens = INT4_PREFILL_MIN_TOKENS if not native_bf16_gemm() else 0
+        # the fp32 route unpacks our own layout: off where torch's converter packed instead
+        fp32_route = not native_bf16_gemm() and int4_layout_ok()
+        self.prefill_min_tokens = INT4_PREFILL_MIN_TOKENS if fp32_route else 0
 
     @classmethod
     def _build(cls, raw, qtype, shape, dtype):

@@ -18,6 +18,7 @@ from .model import LayerWeights, ModelWeights, Transformer
 from .tokenizer import Tokenizer
 
 COMPUTE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOAT_TYPES = tuple(COMPUTE_DTYPES)
 DEFAULT_CONTEXT = 4096
 
 
@@ -46,9 +47,24 @@ class ModelFiles:
             )
         return ShardReader(self.dir / self._by_role[role]["file"])
 
-    def dense_tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def dense_tensor(self, name: str, dtype: torch.dtype, rows: torch.Tensor | None = None):
+        """A float tensor in `dtype`, or for a quantized one its GGUF bytes as a
+        `ggml.Linear` (rows: reorder the rows first, e.g. llama.cpp's Q/K permutation)."""
         info = self.dense.tensors[name]
-        return raw_to_tensor(self.dense.array(name), info.qtype, info.shape).to(dtype)
+        raw = self.dense.array(name)
+        if info.qtype in FLOAT_TYPES:
+            t = raw_to_tensor(raw, info.qtype, info.shape).to(dtype)
+            return t if rows is None else t[rows]
+        from . import ggml
+
+        if not ggml.available():
+            raise HobbitError(
+                f"{self.dense.path.name} holds {info.qtype} dense tensors, which need ggml's "
+                f"kernels: {ggml.why_not()}; `pip install libggml-python`, or prepare with "
+                "--dense F32"
+            )
+        b = torch.from_numpy(np.array(raw)).view(info.shape[0], -1)  # a copy, not the memmap
+        return ggml.Linear(b if rows is None else b[rows].contiguous(), info.qtype, info.shape)
 
 
 def raw_to_tensor(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,8 +83,14 @@ def raw_to_tensor(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.
 def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
     cfg, names = files.config, files.dense.tensors
 
-    def get(name: str) -> torch.Tensor | None:
-        return files.dense_tensor(name, dtype) if name in names else None
+    def get(name: str, qk_heads: int | None = None):
+        if name not in names:
+            return None
+        rows = None
+        if qk_heads is not None and cfg.spec.permute_qk:  # back to HF's rotary layout
+            n = names[name].shape[0]
+            rows = unpermute_qk(torch.arange(n)[:, None], qk_heads)[:, 0]
+        return files.dense_tensor(name, dtype, rows)
 
     def norm(prefix: str):
         return get(prefix + ".weight"), get(prefix + ".bias")
@@ -76,9 +98,7 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
     layers = []
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
-        wq, wk = get(b + "attn_q.weight"), get(b + "attn_k.weight")
-        if cfg.spec.permute_qk:
-            wq, wk = unpermute_qk(wq, cfg.num_heads), unpermute_qk(wk, cfg.num_kv_heads)
+        wq, wk = get(b + "attn_q.weight", cfg.num_heads), get(b + "attn_k.weight", cfg.num_kv_heads)
         shared = None
         if b + "ffn_gate_shexp.weight" in names:
             shared = tuple(get(f"{b}ffn_{r}_shexp.weight") for r in ROLES)
@@ -158,6 +178,8 @@ def compute_dtype(files: ModelFiles, dtype: str | torch.dtype | None) -> torch.d
         return dtype
     names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
     key = names.get(dtype, str(dtype).upper()) if dtype else files.manifest["types"]["dense"]
+    if not dtype and key not in COMPUTE_DTYPES:
+        key = "F32"  # quantized dense: ggml's kernels take float32 activations
     if key not in COMPUTE_DTYPES:
         raise HobbitError(f"dtype {dtype} is not one of float32, bfloat16, float16")
     return COMPUTE_DTYPES[key]

@@ -52,18 +52,44 @@ class ModelWeights:
 
 
 class KVCache:
-    """Preallocated keys and values [L, Hkv, S, Dh]; `length` tokens are filled."""
+    """Keys and values [L, Hkv, S, Dh]; `length` tokens are filled. Memory follows the
+    context in use: S starts at `FIRST` and doubles as the sequence needs it, up to
+    `max_len` (a 4096-token cache of a small model is hundreds of MB that a short run never
+    touches)."""
+
+    FIRST = 256
 
     def __init__(self, cfg: ModelConfig, max_len: int, dtype: torch.dtype):
-        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self._shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self._dtype = dtype
+        self.k = self.v = torch.zeros(0)
+        self.reserve(min(max_len, self.FIRST))
+
+    def reserve(self, n: int) -> None:
+        """Room for n tokens (n <= max_len), keeping the `length` filled ones."""
+        have = self.k.shape[2] if self.k.dim() == 4 else 0
+        if n <= have:
+            return
+        size = min(self.max_len, max(n, 2 * have))
+        layers, heads, dim = self._shape
+        k = torch.zeros(layers, heads, size, dim, dtype=self._dtype)
+        v = torch.zeros_like(k)
+        if self.length:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def max_nbytes(self) -> int:
+        """What the cache takes at max_len."""
+        layers, heads, dim = self._shape
+        return 2 * layers * heads * self.max_len * dim * self.k.element_size()
 
 
 class Transformer:
@@ -95,15 +121,16 @@ class Transformer:
                 f"sequence of {start + T} tokens exceeds the context of {self.cache.max_len}; "
                 "shorten the prompt or load with a larger max_context"
             )
+        self.cache.reserve(start + T)
         cos, sin = self.rope(start, T)
-        h = self.w.embed[tokens].to(self.dtype)  # [T, D]
+        h = _embed(self.w.embed, tokens).to(self.dtype)  # [T, D]
         for i, lw in enumerate(self.w.layers):
             h = h + self._attention(i, lw, self._norm(h, lw.attn_norm), start, cos, sin)
             h = h + self._ffn(i, lw, self._norm(h, lw.ffn_norm))
         self.cache.length = start + T
         if not all_logits:
             h = h[-1:]
-        logits = F.linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
+        logits = _linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
         return logits if all_logits else logits[0]
 
     @property
@@ -113,7 +140,7 @@ class Transformer:
         for t in _tensors(self.w):
             if id(t) not in seen:
                 seen.add(id(t))
-                total += t.numel() * t.element_size()
+                total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes
         return total
 
     def reset(self) -> None:
@@ -128,9 +155,9 @@ class Transformer:
 
     def _attention(self, i, lw: LayerWeights, x, start, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
-        q = F.linear(x, lw.wq, lw.bq)
-        k = F.linear(x, lw.wk, lw.bk)
-        v = F.linear(x, lw.wv, lw.bv)
+        q = _linear(x, lw.wq, lw.bq)
+        k = _linear(x, lw.wk, lw.bk)
+        v = _linear(x, lw.wv, lw.bv)
         if cfg.spec.qk_norm == "full":
             q, k = _rms_norm(q, lw.q_norm, cfg.norm_eps), _rms_norm(k, lw.k_norm, cfg.norm_eps)
         if cfg.clip_qkv is not None:
@@ -151,7 +178,7 @@ class Transformer:
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True
         )[0]  # [H, T, Dh]
-        return F.linear(out.transpose(0, 1).reshape(T, -1), lw.wo, lw.bo)
+        return _linear(out.transpose(0, 1).reshape(T, -1), lw.wo, lw.bo)
 
     def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         if lw.router is None:
@@ -174,8 +201,20 @@ class Transformer:
         return softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
 
 
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b for a float weight, or a quantized one held as GGUF bytes (`ggml.Linear`)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w(x)
+    return y if b is None else y + b
+
+
+def _embed(w, tokens: torch.Tensor) -> torch.Tensor:
+    return w[tokens] if isinstance(w, torch.Tensor) else w.rows(tokens)
+
+
 def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "qtype"):
         yield obj
     elif isinstance(obj, list | tuple):
         for o in obj:
@@ -193,4 +232,4 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _swiglu(x, gate, up, down) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return _linear(F.silu(_linear(x, gate)) * _linear(x, up), down)
