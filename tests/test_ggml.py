@@ -106,9 +106,11 @@ def test_thread_count_does_not_change_results():
 
 def test_q8_0_dense_shard_runs_on_its_bytes(tmp_path, tokenizer_dir):
     """--dense Q8_0 (as llama.cpp's converter writes a Q8_0 model): matrices stay GGUF bytes,
-    the greedy tokens match the F32-dense model's, and offloading stays bit-identical."""
-    import hobbit_tools
+    the logits stay near the F32-dense model's (weights and activations at 8 bits: measured
+    ~5% relative on a random tiny model), and offloading stays bit-identical."""
     from tiny_models import make_checkpoint, quantizable
+
+    import hobbit_tools
 
     make_checkpoint("mixtral", tmp_path / "hf", tokenizer_dir, **quantizable(num_hidden_layers=2))
     for dense in ("F32", "Q8_0"):
@@ -116,7 +118,6 @@ def test_q8_0_dense_shard_runs_on_its_bytes(tmp_path, tokenizer_dir):
     f32, q8 = hobbit_tools.load(tmp_path / "F32"), hobbit_tools.load(tmp_path / "Q8_0")
     assert q8.info["dense_bytes"] < f32.info["dense_bytes"] / 3
     ids = f32.encode("Now is the winter of our discontent")
-    a = f32.generate(ids, max_new_tokens=8, stop_at_eos=False).token_ids
-    assert q8.generate(ids, max_new_tokens=8, stop_at_eos=False).token_ids == a
+    assert rel(q8.logits(ids), f32.logits(ids)) < 0.15
     off = hobbit_tools.load(tmp_path / "Q8_0", memory="50%")
     assert torch.equal(off.logits(ids), q8.logits(ids))
