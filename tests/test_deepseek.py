@@ -1,17 +1,22 @@
 """DeepSeek-V2/V3 beyond logit parity (test_parity.py): MLA's compressed cache, offloading
 bit-identical to resident, llama.cpp's deepseek2 layout, MTP layers left out."""
 
+import importlib
 import json
+import shutil
 
 import gguf
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
-from tiny_models import make_checkpoint
+from tiny_models import COMMON, FAMILIES, make_checkpoint
 
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
+from hobbit_tools.families import ModelConfig
 from hobbit_tools.runtime.mla import full_kv_nbytes
+from hobbit_tools.runtime.routing import grouped_topk
 
 PROMPT = "Now is the winter of our discontent made glorious summer"
 
@@ -86,8 +91,6 @@ def test_dense_shard_has_llamacpp_deepseek2_layout(model):
 def test_mtp_layers_are_left_out(model, tmp_path):
     """Released V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers;
     hobbit (as llama.cpp) does not run it. Other families refuse unknown layers."""
-    import shutil
-
     src = tmp_path / "hf"
     shutil.copytree(model / "hf", src)
     cfg = json.loads((src / "config.json").read_text())
@@ -104,3 +107,33 @@ def test_mtp_layers_are_left_out(model, tmp_path):
     else:
         with pytest.raises(HobbitError, match="does not know"):
             hobbit_tools.prepare(src, tmp_path / "out", dense="F32", pack=False)
+
+
+@pytest.mark.parametrize(
+    "family, config_cls, router_cls, kw",
+    [
+        ("deepseek_v2", "DeepseekV2Config", "DeepseekV2TopkRouter", dict(topk_method="greedy")),
+        ("deepseek_v2", "DeepseekV2Config", "DeepseekV2TopkRouter", {}),
+        ("deepseek_v3", "DeepseekV3Config", "DeepseekV3TopkRouter", {}),
+        ("deepseek_v3", "DeepseekV3Config", "DeepseekV3TopkRouter", dict(norm_topk_prob=False)),
+    ],
+)
+def test_grouped_router_equals_transformers_on_many_tokens(family, config_cls, router_cls, kw):
+    """Routers alone on 512 random tokens: the same experts with the same weights."""
+    hf_cfg = getattr(transformers, config_cls)(**{**COMMON, **FAMILIES[family][2], **kw})
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    router = getattr(module, router_cls)(hf_cfg)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(router.weight, std=0.2)
+    if hasattr(router, "e_score_correction_bias"):
+        router.e_score_correction_bias.copy_(0.1 * torch.randn_like(router.e_score_correction_bias))
+    x = torch.randn(512, hf_cfg.hidden_size)
+    with torch.no_grad():
+        _, want_w, want_ids = router(x)
+    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    bias = getattr(router, "e_score_correction_bias", None)
+    ids, w = grouped_topk(x @ router.weight.T, cfg.top_k, cfg.grouped, bias)
+    want_ids, order = want_ids.sort(dim=-1)
+    assert torch.equal(ids.sort(dim=-1).values, want_ids)
+    got_w = w.gather(-1, ids.sort(dim=-1).indices)
+    assert torch.allclose(got_w, want_w.gather(-1, order), atol=1e-6)
