@@ -199,7 +199,7 @@ def widen_checkpoint(
     fam = cfg.spec
     if expert_ffn < cfg.expert_ffn:
         raise ValueError(f"expert_ffn {expert_ffn} is narrower than the model's {cfg.expert_ffn}")
-    experts, _ = _split_names(ckpt, fam)
+    experts, _ = _split_names(ckpt, cfg)
     role_of = {name: role for (_, _, role), name in experts.items()}
     extra = expert_ffn - cfg.expert_ffn
     total = sum(

@@ -87,6 +87,71 @@ FAMILIES = {
         "OlmoeForCausalLM",
         dict(intermediate_size=40, num_experts=6, num_experts_per_tok=3, clip_qkv=8.0),
     ),
+    # MLA without and with the low-rank query, a dense first layer, group-limited routing
+    # (V2: softmax, a group's best score; V3: sigmoid + correction bias, its best two), YaRN.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            num_key_value_heads=6,
+            intermediate_size=56,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            kv_lora_rank=20,
+            q_lora_rank=None,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            # DeepSeek-V2-Lite's YaRN: mscale == mscale_all_dim
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=128,
+                beta_fast=32,
+                beta_slow=1,
+                mscale=0.707,
+                mscale_all_dim=0.707,
+            ),
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=6,
+            intermediate_size=56,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            kv_lora_rank=20,
+            q_lora_rank=28,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=128,
+                mscale=1.0,
+                mscale_all_dim=0.5,
+            ),
+        ),
+    ),
 }
 
 
@@ -131,6 +196,9 @@ def make_checkpoint(
     config = getattr(transformers, config_cls)(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zeros from transformers: test nothing
+            buf.copy_(0.1 * torch.randn_like(buf))
     save = model.to(dtype) if dtype != torch.float32 else model
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     save.save_pretrained(dest, **kwargs)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import HobbitError
-from ..families import Family, ModelConfig
+from ..families import ModelConfig
 from ..shards import (
     ALIGNMENT,
     FORMAT_VERSION,
@@ -90,7 +90,7 @@ def prepare(
     if low:
         precisions.append(Precision("low", _check_type(low, "--low")))
 
-    experts, dense_names = _split_names(ckpt, fam)
+    experts, dense_names = _split_names(ckpt, cfg)
     _check_experts(ckpt, cfg, experts)
     plan = dense_plan(ckpt, cfg, dense_names, dense)
     expert_plans = {p.name: _expert_plan(cfg, p.qtype) for p in precisions}
@@ -140,14 +140,19 @@ def _check_type(qtype: str, flag: str, allowed: tuple[str, ...] | None = None) -
     return qtype
 
 
-def _split_names(ckpt: Checkpoint, fam: Family) -> tuple[dict, list[str]]:
-    """Routed-expert tensors keyed by (layer, expert, role); everything else is dense."""
+def _split_names(ckpt: Checkpoint, cfg: ModelConfig) -> tuple[dict, list[str]]:
+    """Routed-expert tensors keyed by (layer, expert, role); everything else is dense
+    (except, where the family has them, layers past num_hidden_layers: MTP heads)."""
+    fam = cfg.spec
     pattern = re.compile(
         rf"^model\.layers\.(\d+)\.{re.escape(fam.experts_stem)}\.(\d+)\.(\w+)\.weight$"
     )
+    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     experts: dict[tuple[int, int, str], str] = {}
     dense: list[str] = []
     for name in ckpt.names():
+        if fam.skip_mtp_layers and (n := layer_of.match(name)) and int(n[1]) >= cfg.num_layers:
+            continue
         m = pattern.match(name)
         if m and m.group(3) in fam.expert_roles:
             experts[(int(m.group(1)), int(m.group(2)), fam.expert_roles[m.group(3)])] = name
@@ -257,19 +262,63 @@ def _add_metadata(
     gw.add_embedding_length(cfg.hidden_size)
     gw.add_feed_forward_length(cfg.dense_ffn or cfg.expert_ffn)
     gw.add_head_count(cfg.num_heads)
-    gw.add_head_count_kv(cfg.num_kv_heads)
-    gw.add_key_length(cfg.head_dim)
-    gw.add_value_length(cfg.head_dim)
-    gw.add_rope_dimension_count(cfg.head_dim)
+    if cfg.mla:
+        _add_mla_metadata(gw, cfg)
+    else:
+        gw.add_head_count_kv(cfg.num_kv_heads)
+        gw.add_key_length(cfg.head_dim)
+        gw.add_value_length(cfg.head_dim)
+    gw.add_rope_dimension_count(cfg.rope_dim)
     gw.add_rope_freq_base(cfg.rope.theta)
+    if cfg.rope.kind == "yarn":
+        gw.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        gw.add_rope_scaling_factor(cfg.rope.factor)
+        gw.add_rope_scaling_orig_ctx_len(cfg.rope.original_max_positions)
+        gw.add_rope_scaling_yarn_beta_fast(cfg.rope.beta_fast)
+        gw.add_rope_scaling_yarn_beta_slow(cfg.rope.beta_slow)
+        if cfg.mla and cfg.rope.mscale_all_dim:
+            # llama.cpp's deepseek2 convention (its converter: 0.1 * mscale_all_dim)
+            gw.add_rope_scaling_yarn_log_mul(0.1 * cfg.rope.mscale_all_dim)
     gw.add_layer_norm_rms_eps(cfg.norm_eps)
     gw.add_expert_count(cfg.num_experts)
     gw.add_expert_used_count(cfg.top_k)
     gw.add_expert_feed_forward_length(cfg.expert_ffn)
     if cfg.shared_expert_ffn:
         gw.add_expert_shared_feed_forward_length(cfg.shared_expert_ffn)
-    gw.add_expert_weights_norm(cfg.norm_topk_prob)
+    gw.add_expert_weights_norm(cfg.grouped.normalize if cfg.grouped else cfg.norm_topk_prob)
+    if cfg.grouped:
+        _add_grouped_metadata(gw, cfg)
     gw.add_file_type(_file_type(high))
+
+
+def _add_mla_metadata(gw: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """As llama.cpp's converter writes deepseek2: MLA as MQA over the latent (one kv head,
+    keys of kv_rank + rotary dims, values of kv_rank), the per-head dims as *_mla."""
+    m = cfg.mla
+    gw.add_head_count_kv(1)
+    gw.add_key_length(m.kv_rank + m.rope_dim)
+    gw.add_value_length(m.kv_rank)
+    gw.add_key_length_mla(m.nope_dim + m.rope_dim)
+    gw.add_value_length_mla(m.v_dim)
+    gw.add_kv_lora_rank(m.kv_rank)
+    if m.q_rank:
+        gw.add_q_lora_rank(m.q_rank)
+    gw.add_leading_dense_block_count(cfg.moe_layers.index(True) if any(cfg.moe_layers) else 0)
+    gw.add_vocab_size(cfg.vocab_size)
+
+
+def _add_grouped_metadata(gw: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    r = cfg.grouped
+    gw.add_expert_shared_count(cfg.shared_expert_ffn // cfg.expert_ffn)
+    gw.add_expert_weights_scale(r.scale)
+    sigmoid = r.method == "noaux_tc"
+    func = gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX
+    gw.add_expert_gating_func(func)
+    # llama.cpp ranks expert groups by their two best scores, as noaux_tc does; V2's
+    # group_limited_greedy (a group's best score) has no key there: left ungrouped.
+    if r.method == "noaux_tc":
+        gw.add_expert_group_count(r.n_group)
+        gw.add_expert_group_used_count(r.topk_group)
 
 
 def _file_type(high: str) -> int:

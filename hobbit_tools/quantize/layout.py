@@ -7,6 +7,7 @@ cols] (expert index outermost), so one expert's slice of each is contiguous on d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ class DenseTensor:
 
 
 def gguf_name(cfg: ModelConfig, hf_name: str) -> str | None:
+    # llama.cpp's converter renames DeepSeek-V3's bias so that its tensor map finds it
+    hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
     name = _name_map(cfg).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is not None:
         return name
@@ -76,14 +79,16 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     fam = cfg.spec
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
-        shapes |= {
-            b + "attn_norm.weight": (d,),
-            b + "ffn_norm.weight": (d,),
-            b + "attn_q.weight": (q, d),
-            b + "attn_k.weight": (kv, d),
-            b + "attn_v.weight": (kv, d),
-            b + "attn_output.weight": (d, q),
-        }
+        shapes |= {b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,)}
+        if cfg.mla:
+            shapes |= _mla_shapes(cfg, b)
+        else:
+            shapes |= {
+                b + "attn_q.weight": (q, d),
+                b + "attn_k.weight": (kv, d),
+                b + "attn_v.weight": (kv, d),
+                b + "attn_output.weight": (d, q),
+            }
         if fam.qk_norm == "head":
             shapes |= {
                 b + "attn_q_norm.weight": (cfg.head_dim,),
@@ -101,8 +106,11 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                     b + "ffn_gate_shexp.weight": (s, d),
                     b + "ffn_up_shexp.weight": (s, d),
                     b + "ffn_down_shexp.weight": (d, s),
-                    b + "ffn_gate_inp_shexp.weight": (1, d),
                 }
+                if not cfg.mla:  # qwen2_moe gates its shared expert; DeepSeek adds them as is
+                    shapes[b + "ffn_gate_inp_shexp.weight"] = (1, d)
+            if cfg.grouped is not None and cfg.grouped.method == "noaux_tc":
+                shapes[b + "exp_probs_b.bias"] = (cfg.num_experts,)
         else:
             f = cfg.dense_ffn
             shapes |= {
@@ -113,6 +121,42 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if fam.norm == "layer":
         shapes["output_norm.bias"] = (d,)
     return shapes
+
+
+def _mla_shapes(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]:
+    """llama.cpp's deepseek2 layout: kv_b split per head into k_b (transposed) and v_b."""
+    m, h, d = cfg.mla, cfg.num_heads, cfg.hidden_size
+    q = h * (m.nope_dim + m.rope_dim)
+    shapes = {
+        b + "attn_kv_a_mqa.weight": (m.kv_rank + m.rope_dim, d),
+        b + "attn_kv_a_norm.weight": (m.kv_rank,),
+        b + "attn_k_b.weight": (h, m.kv_rank, m.nope_dim),
+        b + "attn_v_b.weight": (h, m.v_dim, m.kv_rank),
+        b + "attn_output.weight": (d, h * m.v_dim),
+    }
+    if m.q_rank:
+        return shapes | {
+            b + "attn_q_a.weight": (m.q_rank, d),
+            b + "attn_q_a_norm.weight": (m.q_rank,),
+            b + "attn_q_b.weight": (q, m.q_rank),
+        }
+    return shapes | {b + "attn_q.weight": (q, d)}
+
+
+def _split_kv_b(cfg: ModelConfig, by_gguf: dict[str, str]) -> None:
+    """attn_kv_b (one checkpoint tensor) -> attn_k_b + attn_v_b, both read from it."""
+    for g in [g for g in by_gguf if g.endswith(".attn_kv_b.weight")]:
+        hf = by_gguf.pop(g)
+        by_gguf[g.replace("attn_kv_b", "attn_k_b")] = hf
+        by_gguf[g.replace("attn_kv_b", "attn_v_b")] = hf
+
+
+def _source_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint shape a tensor is made from (kv_b for the split MLA tensors)."""
+    if name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
+        m = cfg.mla
+        return (cfg.num_heads * (m.nope_dim + m.v_dim), m.kv_rank)
+    return shape
 
 
 def dense_plan(
@@ -131,6 +175,8 @@ def dense_plan(
         raise HobbitError(
             f"checkpoint has tensors hobbit does not know for {cfg.family}: {', '.join(unknown[:5])}"
         )
+    if cfg.mla:
+        _split_kv_b(cfg, by_gguf)
     missing = [g for g in required if g not in by_gguf]
     if missing:
         hint = ", ".join(missing[:5]) + (
@@ -140,17 +186,18 @@ def dense_plan(
     plans = []
     for g in sorted(by_gguf, key=_order):
         hf = by_gguf[g]
-        shape = ckpt.shape(hf)
-        want = required.get(g) or _bias_shape(g, required, shape)
-        if tuple(shape) != tuple(want):
-            raise HobbitError(
-                f"{hf} has shape {list(shape)}, expected {list(want)} from config.json"
-            )
+        src = ckpt.shape(hf)
+        want = required.get(g) or _bias_shape(g, required, src)
+        if tuple(src) != _source_shape(cfg, g, tuple(want)):
+            expected = list(_source_shape(cfg, g, tuple(want)))
+            raise HobbitError(f"{hf} has shape {list(src)}, expected {expected} from config.json")
+        shape = tuple(want)
         # Norms, biases and routers stay F32, as llama.cpp keeps them: routing is sensitive.
         # A matrix whose rows are no whole number of the type's blocks stays F32 too.
-        blocks = len(shape) == 2 and shape[1] % qtypes.block_size(qtype) == 0
+        blocks = len(shape) >= 2 and shape[-1] % qtypes.block_size(qtype) == 0
         t = qtype if blocks and "ffn_gate_inp" not in g else "F32"
-        nbytes = shape[0] * qtypes.row_nbytes(t, shape[1]) if len(shape) == 2 else shape[0] * 4
+        rows = math.prod(shape[:-1])
+        nbytes = rows * qtypes.row_nbytes(t, shape[-1]) if len(shape) >= 2 else shape[0] * 4
         plans.append(DenseTensor(TensorPlan(g, tuple(shape), t, nbytes), hf, _transform(cfg, g)))
     return plans
 
@@ -170,6 +217,10 @@ def _order(name: str) -> tuple:
 
 
 def _transform(cfg: ModelConfig, name: str):
+    if name.endswith(".attn_k_b.weight"):
+        return lambda x: split_kv_b(x, cfg)[0]
+    if name.endswith(".attn_v_b.weight"):
+        return lambda x: split_kv_b(x, cfg)[1]
     if not cfg.spec.permute_qk:
         return None
     if name.endswith("attn_q.weight"):
@@ -177,6 +228,14 @@ def _transform(cfg: ModelConfig, name: str):
     if name.endswith("attn_k.weight"):
         return lambda x: permute_qk(x, cfg.num_kv_heads)
     return None
+
+
+def split_kv_b(w: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """MLA's kv_b [H*(N+V), R] -> k_b [H, R, N] (transposed), v_b [H, V, R], as llama.cpp's
+    converter writes them for its absorbed attention."""
+    m = cfg.mla
+    kv = w.reshape(cfg.num_heads, m.nope_dim + m.v_dim, w.shape[-1])
+    return kv[:, : m.nope_dim].transpose(0, 2, 1), kv[:, m.nope_dim :]
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

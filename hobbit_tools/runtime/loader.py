@@ -14,6 +14,7 @@ from ..quantize.convert import KEY_SOURCE_CONFIG
 from ..quantize.layout import ROLES, unpermute_qk
 from ..shards import ShardReader, read_manifest
 from .experts import ResidentExperts
+from .mla import MlaWeights
 from .model import LayerWeights, ModelWeights, Transformer
 from .tokenizer import Tokenizer
 
@@ -98,7 +99,9 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
     layers = []
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
-        wq, wk = get(b + "attn_q.weight", cfg.num_heads), get(b + "attn_k.weight", cfg.num_kv_heads)
+        # (MLA's direct query projection, where it has one, is loaded with its other weights)
+        wq = None if cfg.mla else get(b + "attn_q.weight", cfg.num_heads)
+        wk = get(b + "attn_k.weight", cfg.num_kv_heads)
         shared = None
         if b + "ffn_gate_shexp.weight" in names:
             shared = tuple(get(f"{b}ffn_{r}_shexp.weight") for r in ROLES)
@@ -120,9 +123,14 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
                 q_norm=get(b + "attn_q_norm.weight"),
                 k_norm=get(b + "attn_k_norm.weight"),
                 router=get(b + "ffn_gate_inp.weight"),
+                # float32 whatever the compute dtype: it decides which experts are chosen
+                router_bias=files.dense_tensor(b + "exp_probs_b.bias", torch.float32)
+                if b + "exp_probs_b.bias" in names
+                else None,
                 shared=shared,
                 shared_gate=get(b + "ffn_gate_inp_shexp.weight"),
                 mlp=mlp,
+                mla=_mla_weights(get, b) if cfg.mla else None,
             )
         )
     embed = get("token_embd.weight")
@@ -133,6 +141,20 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
         output=embed if output is None else output,
         output_bias=get("output.bias"),
         layers=layers,
+    )
+
+
+def _mla_weights(get, b: str) -> MlaWeights:
+    # k_b/v_b as llama.cpp stores them ([H, R, N], [H, V, R]), turned for the matmuls
+    return MlaWeights(
+        kv_a=get(b + "attn_kv_a_mqa.weight"),
+        kv_a_norm=get(b + "attn_kv_a_norm.weight"),
+        k_b=get(b + "attn_k_b.weight").transpose(1, 2).contiguous(),
+        v_b=get(b + "attn_v_b.weight").transpose(1, 2).contiguous(),
+        q=get(b + "attn_q.weight"),
+        q_a=get(b + "attn_q_a.weight"),
+        q_a_norm=get(b + "attn_q_a_norm.weight"),
+        q_b=get(b + "attn_q_b.weight"),
     )
 
 

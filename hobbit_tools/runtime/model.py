@@ -1,4 +1,5 @@
-"""The decoder: attention with GQA and RoPE, norms, routers, static KV cache.
+"""The decoder: attention with GQA and RoPE (or DeepSeek's MLA, `mla.py`), norms, routers,
+static KV cache.
 
 Shape legend: T tokens in this call, S cache length, D hidden, H heads, Hkv kv heads,
 Dh head dim, E experts, K experts per token, V vocab.
@@ -18,17 +19,18 @@ import torch.nn.functional as F
 from ..errors import HobbitError
 from ..families import ModelConfig
 from .experts import ExpertBackend
+from .mla import LatentCache, MlaWeights, mla_attention
 from .rope import Rope, apply_rope
-from .routing import softmax_topk, sparsemixer
+from .routing import grouped_topk, softmax_topk, sparsemixer
 
 
 @dataclass
 class LayerWeights:
     attn_norm: tuple[torch.Tensor, torch.Tensor | None]  # weight, bias (LayerNorm families)
     ffn_norm: tuple[torch.Tensor, torch.Tensor | None]
-    wq: torch.Tensor  # [H*Dh, D]
-    wk: torch.Tensor  # [Hkv*Dh, D]
-    wv: torch.Tensor
+    wq: torch.Tensor | None  # [H*Dh, D] (None with MLA)
+    wk: torch.Tensor | None  # [Hkv*Dh, D]
+    wv: torch.Tensor | None
     wo: torch.Tensor  # [D, H*Dh]
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
@@ -37,8 +39,10 @@ class LayerWeights:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     router: torch.Tensor | None = None  # [E, D] float32 (MoE layers)
+    router_bias: torch.Tensor | None = None  # [E]: DeepSeek-V3's choice correction
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # gate, up, down
-    shared_gate: torch.Tensor | None = None  # [1, D]
+    shared_gate: torch.Tensor | None = None  # [1, D]; None: shared experts added ungated
+    mla: MlaWeights | None = None
     mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # dense-FFN layers
 
 
@@ -105,8 +109,8 @@ class Transformer:
         self.w = weights
         self.experts = experts
         self.dtype = dtype
-        self.cache = KVCache(cfg, max_context, dtype)
-        self.rope = Rope(cfg.rope, cfg.head_dim, max_context, dtype)
+        self.cache = (LatentCache if cfg.mla else KVCache)(cfg, max_context, dtype)
+        self.rope = Rope(cfg.rope, cfg.rope_dim, max_context, dtype)
         self.scale = cfg.head_dim**-0.5
         self._layer_norm = cfg.spec.norm == "layer"
 
@@ -155,6 +159,10 @@ class Transformer:
 
     def _attention(self, i, lw: LayerWeights, x, start, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
+        if lw.mla is not None:
+            norm = lambda t, w: _rms_norm(t, w, cfg.norm_eps)  # noqa: E731
+            out = mla_attention(cfg, lw.mla, self.cache, i, x, start, cos, sin, norm)
+            return _linear(out, lw.wo, lw.bo)
         q = _linear(x, lw.wq, lw.bq)
         k = _linear(x, lw.wk, lw.bk)
         v = _linear(x, lw.wv, lw.bv)
@@ -186,16 +194,21 @@ class Transformer:
         ids, weights = self.route(i, x)
         out = self.experts.forward(i, x, ids, weights)
         if lw.shared is not None:
-            gate = torch.sigmoid(F.linear(x, lw.shared_gate))
-            out = out + gate * _swiglu(x, *lw.shared)
+            shared = _swiglu(x, *lw.shared)
+            if lw.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            out = out + shared
         return out
 
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's router on its input x [T, D] -> ids [T, K], weights [T, K] float32."""
-        return self.select(F.linear(x, self.w.layers[i].router))
+        return self.select(F.linear(x, self.w.layers[i].router), i)
 
-    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The family's routing function on gate logits [T, E]."""
+    def select(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's routing function on layer `layer`'s gate logits [T, E]."""
+        if self.cfg.grouped is not None:
+            bias = self.w.layers[layer].router_bias
+            return grouped_topk(logits, self.cfg.top_k, self.cfg.grouped, bias)
         if self.cfg.spec.router == "sparsemixer":
             return sparsemixer(logits, self.cfg.router_jitter_eps)
         return softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)

@@ -311,7 +311,7 @@ class RouterView:
         self.layers = sorted(routers)
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.stacked = torch.stack([routers[layer] for layer in self.layers])
-        self.select = select  # logits [T, E] -> ids, weights (the family's routing)
+        self.select = select  # (logits [T, E], layer) -> ids, weights (the family's routing)
 
     def predict(self, layer: int, x: torch.Tensor, depth: int):
         i = self.index[layer]
@@ -320,4 +320,4 @@ class RouterView:
             return []
         w = self.stacked[i + 1 : i + 1 + len(targets)]  # [p, E, D]
         logits = (x @ w.flatten(0, 1).T).view(x.shape[0], len(targets), -1)  # [T, p, E]
-        return [(t, *self.select(logits[:, d])) for d, t in enumerate(targets)]
+        return [(t, *self.select(logits[:, d], t)) for d, t in enumerate(targets)]
