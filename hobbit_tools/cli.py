@@ -50,8 +50,8 @@ def runtime_options(f):
                      help="Load unimportant cache misses in low precision, or skip them (default: per policy)."),
         click.option("--prefetch-depth", type=int, help="Layers to prefetch ahead; 0 = off (default: per policy)."),
         click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
-        click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
-                     help="Eviction policy (default: per policy)."),
+        click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu", "decay", "forecast", "layer-lfu", "layer-lru"]),
+                     help="Eviction policy (default: per policy; forecast instead of lru below one token's working set)."),
         click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096)."),
         click.option("--config", "config", type=click.Path(path_type=str),
                      help="Tuned config to use (default: hobbit-config.json next to the shards, "
@@ -90,6 +90,8 @@ def _load(
         config=False if no_config else config,
         **options,
     )
+    if rt.info.get("cliff") and not quiet:
+        click.echo(f"[{rt.info['cliff']}]", err=True)
     if rt.info.get("config") and not quiet:
         click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
     stale = [p for p, ok in rt.info.get("packed", {}).items() if not ok]

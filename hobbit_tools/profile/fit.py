@@ -113,7 +113,7 @@ def fit_cache(
     shares = low_shares if rule is not None else (0.0,)
     plain = [(p, None) for p in ("lru", "lfu", "lcu")] + list(CANDIDATES)
     grid = [("hobbit", w) for w in weight_grid(step)]
-    results = []
+    results, warning = [], None
     for share in shares:
         for policy, w in plain + grid:
             r = replay(
@@ -126,9 +126,10 @@ def fit_cache(
                 cache_weights=w,
             )
             results.append({"cache_policy": policy, "weights": w, "low_share": share, **_brief(r)})
+            warning = warning or r["cliff"]
     best = min(results, key=lambda r: (r["miss_penalty"], r["cache_policy"] != "hobbit"))
     lru = min((r for r in results if r["cache_policy"] == "lru"), key=lambda r: r["miss_penalty"])
-    return {"best": best, "lru": lru, "candidates": len(results)}
+    return {"best": best, "lru": lru, "candidates": len(results), "cliff": warning}
 
 
 def fitted_replay(

@@ -61,7 +61,9 @@ def read_csv_trace(
         "model": meta.get("model", str(path)),
         "num_layers": num_layers,
         "moe_layers": num_layers,
-        "num_experts": int(meta.get("n_expert", 1 + max(max(max(i) for i in r["ids"]) for r in records))),
+        "num_experts": int(
+            meta.get("n_expert", 1 + max(max(max(i) for i in r["ids"]) for r in records))
+        ),
         "top_k": int(meta.get("n_expert_used", max(len(r["ids"][0]) for r in records))),
     }
     sizes, source = _sizes(rows, num_layers, layer_sizes, expert_bytes, model_dir, low_ratio)

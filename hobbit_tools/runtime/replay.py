@@ -169,7 +169,9 @@ def replay(
     start = reqs.cut(split) if split is not None else 0
     out = SimulatedCache(capacity, sizes, policy).run(reqs.ticks, start, ratio)
     total = out["hits"] + out["misses"]
-    slots = {p: int(c // sizes["slot"][p][sizes["slot"][p] > 0].mean()) for p, c in capacity.items()}
+    slots = {
+        p: int(c // sizes["slot"][p][sizes["slot"][p] > 0].mean()) for p, c in capacity.items()
+    }
     return {
         **out,
         "hit_rate": out["hits"] / total if total else 1.0,
