@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..runtime.precision import LOW, SKIP, PrecisionRule
@@ -106,14 +107,21 @@ def fit_cache(
     rule: PrecisionRule | None,
     low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
     step: float = 0.25,
+    chunks: int = 8,
+    z: float = 1.0,
 ) -> dict:
-    """Policy, parameters and split with the lowest miss penalty on the trace. lru and lfu
-    are candidates, so the choice is never worse than either on the trace it was fitted on."""
+    """Policy, parameters and split for the trace: the better of lru and lfu (lowest miss
+    penalty), unless a candidate beats it by more than its own noise. The trace is cut into
+    `chunks` parts by tokens; a candidate's margin is the mean per-part penalty it saves
+    over that baseline less z standard errors, and the largest positive margin wins. So the
+    choice is never worse than lru or lfu on the trace it was fitted on, and a candidate
+    that only won by luck on some parts of it does not replace them."""
     reqs = records if isinstance(records, Requests) else requests(header, records, rule)
     shares = low_shares if rule is not None else (0.0,)
     plain = [(p, None) for p in ("lru", "lfu", "lcu")] + list(CANDIDATES)
     grid = [("hobbit", w) for w in weight_grid(step)]
-    results, warning = [], None
+    bounds = np.unique([reqs.cut(k / chunks) for k in range(chunks)])
+    results, parts, warning = [], [], None
     for share in shares:
         for policy, w in plain + grid:
             r = replay(
@@ -124,12 +132,29 @@ def fit_cache(
                 rule=rule,
                 low_share=share,
                 cache_weights=w,
+                per_tick=True,
             )
             results.append({"cache_policy": policy, "weights": w, "low_share": share, **_brief(r)})
+            parts.append(
+                np.add.reduceat(r["per_tick_penalty"], bounds)
+                if len(bounds)
+                else r["per_tick_penalty"][:0]
+            )
             warning = warning or r["cliff"]
-    best = min(results, key=lambda r: (r["miss_penalty"], r["cache_policy"] != "hobbit"))
     lru = min((r for r in results if r["cache_policy"] == "lru"), key=lambda r: r["miss_penalty"])
-    return {"best": best, "lru": lru, "candidates": len(results), "cliff": warning}
+    base = min(
+        (i for i, r in enumerate(results) if r["cache_policy"] in ("lru", "lfu")),
+        key=lambda i: results[i]["miss_penalty"],
+    )
+    best, best_margin = base, 0.0
+    for i, part in enumerate(parts):
+        saved = parts[base] - part
+        noise = saved.std(ddof=1) / np.sqrt(len(saved)) if len(saved) > 1 else 0.0
+        margin = float(saved.mean() - z * noise) if len(saved) else 0.0
+        if margin > best_margin:
+            best, best_margin = i, margin
+    chosen = {**results[best], "margin": best_margin, "baseline": results[base]["cache_policy"]}
+    return {"best": chosen, "lru": lru, "candidates": len(results), "cliff": warning}
 
 
 def fitted_replay(

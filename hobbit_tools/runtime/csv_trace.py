@@ -106,20 +106,22 @@ def _records(rows: list[dict]) -> list[dict]:
 
 
 def _sizes(rows, num_layers, layer_sizes, expert_bytes, model_dir, low_ratio):
+    """Per precision, per layer expert bytes, and where they came from."""
+    low_note = f" (low copies: {low_ratio:g} of high)"
     if expert_bytes is not None:
         high = [int(expert_bytes)] * num_layers
-        return _with_low(high, low_ratio), f"--expert-bytes {int(expert_bytes)}"
+        return _with_low(high, low_ratio), f"--expert-bytes {int(expert_bytes)}{low_note}"
     if model_dir is not None:
         from ..inspect import describe
 
         per = describe(model_dir)["expert_bytes"]
         sizes = {p: [int(b)] * num_layers for p, b in per.items() if p in ("high", "low")}
-        if "low" not in sizes:
-            sizes = _with_low(sizes["high"], low_ratio)
-        return sizes, f"model dir {model_dir}"
+        if "low" in sizes:
+            return sizes, f"model dir {model_dir}"
+        return _with_low(sizes["high"], low_ratio), f"model dir {model_dir}{low_note}"
     if len(layer_sizes) == num_layers:
         high = [layer_sizes[i] for i in range(num_layers)]
-        return _with_low(high, low_ratio), "the trace's per-layer expert_bytes"
+        return _with_low(high, low_ratio), f"the trace's per-layer expert_bytes{low_note}"
     read = [int(r["expert_bytes"]) for r in rows if r.get("expert_bytes") not in (None, "", "0")]
     if not read:
         raise HobbitError(
@@ -127,7 +129,7 @@ def _sizes(rows, num_layers, layer_sizes, expert_bytes, model_dir, low_ratio):
             "expert) or --model MODEL_DIR"
         )
     mean = int(round(sum(read) / len(read)))
-    return _with_low([mean] * num_layers, low_ratio), "the mean of its bytes-read column"
+    return _with_low([mean] * num_layers, low_ratio), f"the mean of its bytes-read column{low_note}"
 
 
 def _with_low(high: list[int], low_ratio: float) -> dict[str, list[int]]:

@@ -101,13 +101,14 @@ class Policy:
 
     def pick(self, ids: np.ndarray, layer: int) -> int:
         """Position in ids of the victim."""
-        tied = np.arange(len(ids))
-        for rank in self.scores(ids, layer):
+        first, *rest = self.scores(ids, layer)
+        tied = np.flatnonzero(first == first.min())
+        for rank in rest:
+            if len(tied) == 1:
+                break
             rank = rank[tied]
             tied = tied[rank == rank.min()]
-            if len(tied) == 1:
-                return int(tied[0])
-        return int(tied[np.argmin(self.t.code[ids[tied]])])
+        return int(tied[0]) if len(tied) == 1 else int(tied[np.argmin(self.t.code[ids[tied]])])
 
 
 class LRU(Policy):

@@ -144,9 +144,11 @@ def replay(
     low_share: float = 0.25,
     cache_weights: tuple[float, ...] | None = None,
     split: float | None = None,
+    per_tick: bool = False,
 ) -> dict:
     """Simulate the cache over a trace. rule None: every expert at high precision. records
-    may be `requests(header, records, rule)` already made (to replay it many times)."""
+    may be `requests(header, records, rule)` already made (to replay it many times).
+    per_tick: also give `per_tick_penalty`, every tick's miss penalty (an array)."""
     if rule is not None and "low" not in header["slot_bytes"]:
         raise HobbitError(
             "this trace has no low-precision shard sizes; it was recorded without one"
@@ -168,6 +170,9 @@ def replay(
         policy = make_policy(cache_policy, header["num_layers"], ratio, cache_weights)
     start = reqs.cut(split) if split is not None else 0
     out = SimulatedCache(capacity, sizes, policy).run(reqs.ticks, start, ratio)
+    penalties = out.pop("per_tick_penalty")
+    if per_tick:
+        out["per_tick_penalty"] = penalties
     total = out["hits"] + out["misses"]
     slots = {
         p: int(c // sizes["slot"][p][sizes["slot"][p] > 0].mean()) for p, c in capacity.items()
@@ -256,8 +261,8 @@ class SimulatedCache:
         first, then each miss takes a slot. Counts from tick index `start` on."""
         policy, table = self.policy, self.policy.t
         hits = misses = bytes_read = 0
-        penalty = 0.0
         served = {"high": 0, "low": 0, "skip": 0}
+        per_tick = np.zeros(len(ticks))  # miss penalty of every tick, scored or not
         for tick, t in enumerate(ticks, start=1):
             scored = tick > start
             layer = t.layer
@@ -279,9 +284,9 @@ class SimulatedCache:
                 self.insert(i, precision, layer)
                 self.pinned[i] = True
                 policy.touch_id(i, tick, t.token)
+                per_tick[tick - 1] += 1.0 if precision == "high" else ratio
                 if scored:
                     bytes_read += int(self.read[precision][layer])
-                    penalty += 1.0 if precision == "high" else ratio
             self.pinned[hit_ids] = False
             self.pinned[miss_ids] = False
             if scored:
@@ -292,8 +297,9 @@ class SimulatedCache:
             "hits": hits,
             "misses": misses,
             "bytes_read": bytes_read,
-            "miss_penalty": penalty,
+            "miss_penalty": float(per_tick[start:].sum()),
             "served": served,
+            "per_tick_penalty": per_tick,
         }
 
 
