@@ -52,7 +52,10 @@ def read_csv_trace(
             + (f"; missing columns {', '.join(missing)})" if missing else ")")
             + ": record one with `hobbit run --trace`"
         )
-    records = _records(rows)
+    try:
+        records = _records(rows)
+    except ValueError as e:
+        raise HobbitError(f"{path}: a row that is not numbers ({e}); is it a routing trace?") from e
     num_layers = int(meta.get("n_layer", 1 + max(r["layer"] for r in records)))
     header = {
         "kind": "hobbit-trace",
@@ -61,9 +64,7 @@ def read_csv_trace(
         "model": meta.get("model", str(path)),
         "num_layers": num_layers,
         "moe_layers": num_layers,
-        "num_experts": int(
-            meta.get("n_expert", 1 + max(max(max(i) for i in r["ids"]) for r in records))
-        ),
+        "num_experts": int(meta.get("n_expert", 1 + max(int(r["expert"]) for r in rows))),
         "top_k": int(meta.get("n_expert_used", max(len(r["ids"][0]) for r in records))),
     }
     sizes, source = _sizes(rows, num_layers, layer_sizes, expert_bytes, model_dir, low_ratio)

@@ -172,7 +172,9 @@ class Forecast(DecayLFU):
     """Evicts the expert whose next use is forecast furthest ahead, in MoE layer calls:
     the layers until its layer comes round, plus num_layers x the tokens expected until its
     expert is chosen again (1 / its decayed per-token frequency, less one). Belady's rule
-    with the future estimated; needs the layer order, which real routing makes it pay for."""
+    with the future estimated: frequency decides between experts of unlike popularity, the
+    layer cycle between alike ones. Below one token's working set it keeps the popular
+    experts resident and streams the rest through the remaining slots."""
 
     name = "forecast"
     DEFAULT_HALF_LIFE = 8.0
@@ -205,9 +207,9 @@ class OnDemand(LRU):
 
 class LayerPartition(LFU):
     """The budget shared out by layer, equally: a victim comes from the layer holding the
-    most evictable entries, chosen inside it by LFU
-    (or LRU with inner="lru"). Keeps every layer a resident subset when the cache cannot
-    hold one token's working set, where a global LRU cycles and never hits."""
+    most evictable entries, chosen inside it by LFU (or LRU with inner="lru"). Keeps every
+    layer a resident subset when the cache cannot hold one token's working set, where a
+    global LRU cycles and never hits."""
 
     name = "layer-lfu"
 
