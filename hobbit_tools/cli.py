@@ -50,8 +50,8 @@ def runtime_options(f):
                      help="Load unimportant cache misses in low precision, or skip them (default: per policy)."),
         click.option("--prefetch-depth", type=int, help="Layers to prefetch ahead; 0 = off (default: per policy)."),
         click.option("--no-prefetch", is_flag=True, help="Same as --prefetch-depth 0."),
-        click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu"]),
-                     help="Eviction policy (default: per policy)."),
+        click.option("--cache-policy", type=click.Choice(["lru", "lfu", "hobbit", "lcu", "decay", "forecast", "layer-lfu", "layer-lru"]),
+                     help="Eviction policy (default: per policy; forecast instead of lru below one token's working set)."),
         click.option("--max-context", type=int, help="KV cache length (default: model's, at most 4096)."),
         click.option("--config", "config", type=click.Path(path_type=str),
                      help="Tuned config to use (default: hobbit-config.json next to the shards, "
@@ -90,6 +90,8 @@ def _load(
         config=False if no_config else config,
         **options,
     )
+    if rt.info.get("cliff") and not quiet:
+        click.echo(f"[{rt.info['cliff']}]", err=True)
     if rt.info.get("config") and not quiet:
         click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
     stale = [p for p, ok in rt.info.get("packed", {}).items() if not ok]
@@ -359,39 +361,99 @@ def bench(
 @click.argument("trace_file", type=click.Path(path_type=str))
 @click.option("--memory", default="30%", show_default=True, help="Budget(s), comma-separated.")
 @click.option(
-    "--cache-policy", default="lru,lfu,hobbit,lcu", show_default=True, help="Comma-separated."
+    "--cache-policy",
+    help="Comma-separated, from belady (the offline optimum), fitted (needs --split) and the "
+    "runtime's policies. Default: belady,lru,lfu,hobbit,lcu, and fitted with --split.",
+)
+@click.option(
+    "--split",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="Score only the trace after this share of its tokens (the cache runs over all); "
+    "fitted is fitted on the part before.",
 )
 @click.option("--dynamic-precision", is_flag=True, help="Re-derive high/low/skip with --t1/--t2.")
 @click.option(
     "--t1", default=0.6, show_default=True, help="Unimportance threshold for low precision."
 )
 @click.option("--t2", default=0.9, show_default=True, help="Unimportance threshold for skipping.")
+@click.option(
+    "--low-share", default=0.25, show_default=True, help="Budget share of low copies (dynamic)."
+)
+@click.option("--expert-bytes", type=int, help="CSV traces: bytes of one expert, every layer.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=str),
+    help="CSV traces: take expert sizes from this prepared model dir.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def replay(trace_file, memory, cache_policy, dynamic_precision, t1, t2, as_json) -> None:
-    """Replay a routing trace (from `hobbit run --trace`) through cache policies and budgets
-    without running the model: hits, bytes read, miss penalty, prefetch recall."""
+def replay(
+    trace_file,
+    memory,
+    cache_policy,
+    split,
+    dynamic_precision,
+    t1,
+    t2,
+    low_share,
+    expert_bytes,
+    model_dir,
+    as_json,
+) -> None:
+    """Replay a routing trace (from `hobbit run --trace`, or a CSV routing trace) through
+    cache policies and budgets without running the model: hits, bytes read, miss penalty,
+    prefetch recall."""
+    from .profile.fit import fitted_replay, held_out_summary
     from .runtime.precision import PrecisionRule
-    from .runtime.replay import read_trace
+    from .runtime.replay import read_trace, requests
     from .runtime.replay import replay as run_replay
 
-    header, records = read_trace(trace_file)
+    header, records = read_trace(trace_file, expert_bytes=expert_bytes, model_dir=model_dir)
     rule = PrecisionRule(t1, t2) if dynamic_precision else None
+    default = "belady,lru,lfu,hobbit,lcu" + (",fitted" if split else "")
+    policies = [p.strip() for p in (cache_policy or default).split(",")]
+    if "fitted" in policies and split is None:
+        raise HobbitError("fitted is fitted on the trace before --split: give --split 0.5")
+    reqs = requests(header, records, rule)
+    opts = {"low_share": low_share, "split": split}
     results = []
-    for m in memory.split(","):
-        for p in cache_policy.split(","):
-            r = run_replay(header, records, memory=m.strip(), cache_policy=p.strip(), rule=rule)
-            results.append({"memory": m.strip(), **r})
+    for m in [m.strip() for m in memory.split(",")]:
+        for p in policies:
+            if p == "fitted":
+                r = fitted_replay(header, reqs, m, rule, split)
+            else:
+                r = run_replay(header, reqs, memory=m, cache_policy=p, rule=rule, **opts)
+            results.append({"memory": m, **r})
+    for s in held_out_summary(results):
+        fitted = (r for r in results if r["cache_policy"] == "fitted")
+        next(r for r in fitted if r["memory"] == s["memory"]).update(s)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
+    if header.get("sizes_from"):
+        click.echo(f"[expert sizes from {header['sizes_from']}]", err=True)
+    for m in dict.fromkeys(r["memory"] for r in results):
+        warning = next(r["cliff"] for r in results if r["memory"] == m)
+        if warning:
+            click.echo(f"[{m}: {warning}]", err=True)
+    scored = f" (scored after {split:.0%} of the tokens)" if split else ""
     click.echo(
-        f"{'memory':>7} {'policy':<7} {'hit rate':>8} {'MiB read':>9} {'miss penalty':>12} {'high/low/skip':>14}"
+        f"{'memory':>8} {'policy':<10} {'hit rate':>8} {'MiB read':>9} {'miss penalty':>12} "
+        f"{'high/low/skip':>14}{scored}"
     )
     for r in results:
         sh = r["share"]
+        fit = r.get("fit")
         click.echo(
-            f"{r['memory']:>7} {r['cache_policy']:<7} {r['hit_rate']:>8.1%} {r['bytes_read'] / 2**20:>9.1f} "
+            f"{r['memory']:>8} {r['cache_policy']:<10} {r['hit_rate']:>8.1%} {r['bytes_read'] / 2**20:>9.1f} "
             f"{r['miss_penalty']:>12.1f} {sh['high']:>5.0%}/{sh['low']:.0%}/{sh['skip']:.0%}"
+            + (f"  = {fit['cache_policy']} {fit['weights'] or ''}".rstrip() if fit else "")
+            + (
+                f"; >= max(lru, lfu): {'yes' if r['fitted_at_least_lru_lfu'] else 'NO'}, "
+                f"closes {r['gap_closed']:.0%} of the lru-belady gap"
+                if r.get("gap_closed") is not None
+                else ""
+            )
         )
     if results and results[0]["prefetch_recall"]:
         click.echo(

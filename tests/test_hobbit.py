@@ -60,7 +60,7 @@ def test_hobbit_priority_prefers_soon_frequent_high_precision_experts():
     # used four times at high precision, (3, 0) once at low but more recently.
     assert p.victim([(1, 0, "high"), (3, 0, "low")], layer=0) == (3, 0, "low")
     p.new_sequence()
-    assert p.uses == {} and p.high == {}
+    assert not p.uses.any() and not p.high.any()
 
 
 def test_lcu_gives_the_last_pass_a_bonus_by_layer_distance():
@@ -174,7 +174,7 @@ def test_replay_cli_compares_policies(model, tmp_path):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)
     assert {(x["memory"], x["cache_policy"]) for x in rows} == {
-        (m, p) for m in ("20%", "60%") for p in ("lru", "lfu", "hobbit", "lcu")
+        (m, p) for m in ("20%", "60%") for p in ("belady", "lru", "lfu", "hobbit", "lcu")
     }
     by = {(x["memory"], x["cache_policy"]): x for x in rows}
     assert by[("60%", "lru")]["bytes_read"] <= by[("20%", "lru")]["bytes_read"]

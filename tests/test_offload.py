@@ -179,3 +179,23 @@ def test_peak_rss_stays_within_budget(tmp_path):
     assert r["peak"] <= limit, {
         k: r[k] / 2**20 for k in ("base", "dense_bytes", "cache_bytes", "peak")
     }
+
+
+@pytest.mark.parametrize("cache_policy", ["forecast", "decay", "layer-lfu"])
+def test_real_routing_policies_give_resident_logits(model, reference, cache_policy):
+    ids, logits, tokens = reference
+    rt = hobbit_tools.load(model, memory="40%", cache_policy=cache_policy)
+    g = rt.generate(ids, max_new_tokens=24, stop_at_eos=False)
+    assert g.token_ids == tokens
+    assert torch.equal(rt.logits(ids), logits)
+    assert g.stats["hits"] > 0 and rt.info["strategy"]["cache"] == cache_policy
+
+
+def test_below_one_tokens_working_set_the_default_is_not_lru(model):
+    memory = hobbit_tools.load(model, policy="ondemand").info["cache_bytes"]  # top-k slots
+    rt = hobbit_tools.load(model, memory=memory)
+    assert rt.info["strategy"]["cache"] == "forecast"
+    assert "below one token's working set" in rt.info["cliff"]
+    told = hobbit_tools.load(model, memory=memory, policy="lru")  # asked for: kept, warned
+    assert told.info["strategy"]["cache"] == "lru" and told.info["cliff"]
+    assert hobbit_tools.load(model, memory="100%").info["cliff"] is None

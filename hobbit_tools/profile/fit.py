@@ -13,10 +13,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..runtime.precision import LOW, SKIP, PrecisionRule
-from ..runtime.replay import replay
+from ..runtime.replay import Requests, replay, requests
 
 # finer above 0.5, where the scores of every expert after a top-2 model's first one lie
 T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
@@ -89,41 +90,117 @@ def weight_grid(step: float = 0.2) -> list[tuple[float, float, float, float]]:
     ]
 
 
+# parameterised policies the fit tries besides lru, lfu, lcu and HOBBIT's weight grid:
+# (name, parameters); decay and forecast take a half-life in tokens
+CANDIDATES = (
+    ("layer-lfu", None),
+    ("layer-lru", None),
+    *(("decay", (h,)) for h in (4.0, 16.0, 64.0)),
+    *(("forecast", (h,)) for h in (4.0, 8.0, 16.0, 32.0)),
+)
+
+
 def fit_cache(
     header: dict,
-    records: list[dict],
-    memory: int,
+    records: list[dict] | Requests,
+    memory: int | str,
     rule: PrecisionRule | None,
     low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
     step: float = 0.25,
+    chunks: int = 8,
+    z: float = 1.0,
 ) -> dict:
-    """Policy, weights and split with the lowest miss penalty on the trace."""
+    """Policy, parameters and split for the trace: the better of lru and lfu (lowest miss
+    penalty), unless a candidate beats it by more than its own noise. The trace is cut into
+    `chunks` parts by tokens; a candidate's margin is the mean per-part penalty it saves
+    over that baseline less z standard errors, and the largest positive margin wins. So the
+    choice is never worse than lru or lfu on the trace it was fitted on, and a candidate
+    that only won by luck on some parts of it does not replace them."""
+    reqs = records if isinstance(records, Requests) else requests(header, records, rule)
     shares = low_shares if rule is not None else (0.0,)
-    results = []
+    plain = [(p, None) for p in ("lru", "lfu", "lcu")] + list(CANDIDATES)
+    grid = [("hobbit", w) for w in weight_grid(step)]
+    bounds = np.unique([reqs.cut(k / chunks) for k in range(chunks)])
+    results, parts, warning = [], [], None
     for share in shares:
-        for policy in ("lru", "lfu", "lcu"):
-            r = replay(
-                header, records, memory=memory, cache_policy=policy, rule=rule, low_share=share
-            )
-            results.append(
-                {"cache_policy": policy, "weights": None, "low_share": share, **_brief(r)}
-            )
-        for w in weight_grid(step):
+        for policy, w in plain + grid:
             r = replay(
                 header,
-                records,
+                reqs,
                 memory=memory,
-                cache_policy="hobbit",
+                cache_policy=policy,
                 rule=rule,
                 low_share=share,
                 cache_weights=w,
+                per_tick=True,
             )
-            results.append(
-                {"cache_policy": "hobbit", "weights": w, "low_share": share, **_brief(r)}
+            results.append({"cache_policy": policy, "weights": w, "low_share": share, **_brief(r)})
+            parts.append(
+                np.add.reduceat(r["per_tick_penalty"], bounds)
+                if len(bounds)
+                else r["per_tick_penalty"][:0]
             )
-    best = min(results, key=lambda r: (r["miss_penalty"], r["cache_policy"] != "hobbit"))
+            warning = warning or r["cliff"]
     lru = min((r for r in results if r["cache_policy"] == "lru"), key=lambda r: r["miss_penalty"])
-    return {"best": best, "lru": lru, "candidates": len(results)}
+    base = min(
+        (i for i, r in enumerate(results) if r["cache_policy"] in ("lru", "lfu")),
+        key=lambda i: results[i]["miss_penalty"],
+    )
+    best, best_margin = base, 0.0
+    for i, part in enumerate(parts):
+        saved = parts[base] - part
+        noise = saved.std(ddof=1) / np.sqrt(len(saved)) if len(saved) > 1 else 0.0
+        margin = float(saved.mean() - z * noise) if len(saved) else 0.0
+        if margin > best_margin:
+            best, best_margin = i, margin
+    chosen = {**results[best], "margin": best_margin, "baseline": results[base]["cache_policy"]}
+    return {"best": chosen, "lru": lru, "candidates": len(results), "cliff": warning}
+
+
+def fitted_replay(
+    header: dict,
+    records: list[dict] | Requests,
+    memory: int | str,
+    rule: PrecisionRule | None,
+    split: float,
+    step: float = 0.5,
+) -> dict:
+    """The cache fitted (`fit_cache`) on the part of the trace before `split`, then
+    replayed over all of it and scored after: a fit judged on routing it has not seen."""
+    reqs = records if isinstance(records, Requests) else requests(header, records, rule)
+    fit = fit_cache(header, reqs.head(reqs.cut(split)), memory, rule, step=step)["best"]
+    r = replay(
+        header,
+        reqs,
+        memory=memory,
+        cache_policy=fit["cache_policy"],
+        rule=rule,
+        low_share=fit["low_share"] or 0.25,
+        cache_weights=fit["weights"],
+        split=split,
+    )
+    return {**r, "cache_policy": "fitted", "fit": fit}
+
+
+def held_out_summary(rows: list[dict]) -> list[dict]:
+    """Per budget of replay rows with belady, lru, lfu and fitted: whether fitted is at
+    least max(lru, lfu) and the share of the LRU-to-Belady hit-rate gap it closes."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r["memory"], {})[r["cache_policy"]] = r["hit_rate"]
+    out = []
+    for memory, h in by.items():
+        if not {"belady", "lru", "lfu", "fitted"} <= set(h):
+            continue
+        gap = h["belady"] - h["lru"]
+        out.append(
+            {
+                "memory": memory,
+                "fitted_at_least_lru_lfu": h["fitted"] >= max(h["lru"], h["lfu"]),
+                "gap_closed": (h["fitted"] - h["lru"]) / gap if gap > 0 else None,
+            }
+        )
+    return out
 
 
 def _brief(r: dict) -> dict:

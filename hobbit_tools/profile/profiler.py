@@ -166,6 +166,8 @@ def profile(
         files, dtype, budget, dynamic, depth, t1, t2, calib[:trace_tokens]
     )
     cache = fit_cache(header, records, budget, rule, step=0.5 if quick else 0.25)
+    if cache["cliff"]:
+        say(cache["cliff"])
     fitted["cache"] = cache
     best = cache["best"]
 
@@ -375,5 +377,7 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
         f"(weights {c['best']['weights']}, low share {c['best']['low_share']}) miss penalty "
         f"{c['best']['miss_penalty']:.1f} vs lru {c['lru']['miss_penalty']:.1f}"
     )
+    if c.get("cliff"):
+        lines.append(f"- {c['cliff']}")
     lines.append(f"- profiled in {fitted['seconds']:.0f} s")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ import torch
 from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import ModelFiles, build_model, compute_dtype, tokenizer
+from .policies import CLIFF_POLICY
 from .strategy import STRATEGIES, Strategy, build_backend, full_cache_bytes, strategy
 
 __all__ = ["Chunk", "Generation", "Runtime", "SamplingParams", "STRATEGIES", "Strategy", "load"]
@@ -57,6 +58,8 @@ def load(
     floor = rss_bytes()  # the interpreter, torch and hobbit, before the model
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
+    # below one token's working set lru never hits: unless told, use a policy that does
+    below_cliff = CLIFF_POLICY if policy is None and cache_policy is None else None
     tuned = None
     if policy is None and config is not False:
         tuned = _tuned_config(files, config)
@@ -89,14 +92,27 @@ def load(
     if kernels is None and tuned is not None:
         kernels = tuned.get("runtime", {}).get("kernels")
     backend = build_backend(
-        files, policy, precision, memory, dt, model, io_threads, packs, kernels or {}
+        files,
+        policy,
+        precision,
+        memory,
+        dt,
+        model,
+        io_threads,
+        packs,
+        kernels or {},
+        below_cliff=below_cliff,
     )
     model.experts = backend
     info = {
         "model_dir": str(files.dir),
         "family": files.config.family,
         "policy": policy.name,
-        "strategy": {k: v for k, v in vars(policy).items() if not isinstance(v, torch.Tensor)},
+        "strategy": {
+            **{k: v for k, v in vars(policy).items() if not isinstance(v, torch.Tensor)},
+            **({"cache": backend.policy.name} if hasattr(backend, "policy") else {}),
+        },
+        "cliff": getattr(backend, "cliff", None),
         "precision": "high+low" if policy.dynamic_precision else precision,
         "expert_type": "+".join(
             files.manifest["types"][p]

@@ -16,7 +16,7 @@ from ..errors import HobbitError
 from .budget import parse_memory
 from .loader import ModelFiles, load_resident_experts
 from .offload import OffloadedExperts, OffloadOptions, RouterView
-from .policies import make_policy
+from .policies import cliff, make_policy
 from .precision import PrecisionRule
 from .store import ExpertStore
 
@@ -65,8 +65,12 @@ def build_backend(
     io_threads=2,
     packs=True,
     kernels: dict[str, str] | None = None,
+    below_cliff: str | None = None,
 ):
-    """The ExpertBackend for strategy `s`; `model` supplies the routers for prefetching."""
+    """The ExpertBackend for strategy `s`; `model` supplies the routers for prefetching.
+    below_cliff: the cache policy to use instead of lru when the budget holds less than one
+    token's working set (`policies.cliff`), where lru never hits; the backend's `cliff`
+    says so either way (None above the cliff)."""
     if s.cache == "resident":
         return load_resident_experts(files, precision, dtype, packs, kernels)
     cfg = files.config
@@ -107,8 +111,13 @@ def build_backend(
     low_over_high = (
         (store.p["low"].load_bytes / store.p["high"].load_bytes) if "low" in store.p else 1.0
     )
+    warning = cliff(sum(cfg.moe_layers), cfg.top_k, sum(budgets[p] // slot[p] for p in budgets))
+    cache = s.cache
+    if warning and below_cliff and cache == "lru":
+        cache = below_cliff
+        warning += f"; using {cache} instead of lru"
     policy = make_policy(
-        s.cache,
+        cache,
         num_layers=cfg.num_layers,
         low_over_high=low_over_high,
         weights=s.cache_weights,
@@ -121,7 +130,9 @@ def build_backend(
     )
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
     router = RouterView(routers, model.select) if s.prefetch_depth else None
-    return OffloadedExperts(store, budgets, policy, options, router)
+    backend = OffloadedExperts(store, budgets, policy, options, router)
+    backend.cliff = warning
+    return backend
 
 
 def full_cache_bytes(files: ModelFiles, high_slot_bytes: int) -> int:
