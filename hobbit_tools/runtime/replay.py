@@ -33,15 +33,16 @@ def write_trace(path: str | Path, header: dict, records: list[dict]) -> None:
 
 def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
         header = json.loads(lines[0])
-    except (OSError, IndexError, json.JSONDecodeError) as e:
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (OSError, IndexError, ValueError) as e:  # ValueError: bad JSON or UTF-8
         raise HobbitError(
             f"{path} is not a readable trace ({e}); record one with `hobbit run --trace`"
         ) from e
-    if header.get("kind") != "hobbit-trace":
+    if not isinstance(header, dict) or header.get("kind") != "hobbit-trace":
         raise HobbitError(f"{path} is not a hobbit trace (no hobbit-trace header)")
-    return header, [json.loads(line) for line in lines[1:] if line.strip()]
+    return header, records
 
 
 def replay(
