@@ -67,6 +67,8 @@ def staging_dir(
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(e, out) from None
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise write_error(OSError(errno.EROFS, os.strerror(errno.EROFS), str(parent)), out)
     sweep_stale(parent)
     check_free_space(parent, need_bytes, out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -537,3 +537,23 @@ def test_killed_prepare_leaves_nothing_after_the_next_run(box, sig):
     r = invoke(argv)
     assert r.exit_code == 0, r.output
     assert not half_written(box)
+
+
+def test_demo_cache_is_checked_and_rebuilt(tmp_path, monkeypatch):
+    from hobbit_tools import demo
+    from hobbit_tools.inspect import check
+    from hobbit_tools.profile import profiler
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: None)  # only the cache here
+    said = []
+    out = demo.prepared_demo(say=said.append)
+    dense = next(out.glob("dense-*.gguf"))
+    flip(dense.name, in_tensor("output_norm.weight"))(out)
+    (out / "notes").mkdir()  # the cache is hobbit's own: rebuilt whole
+    assert demo.prepared_demo(say=said.append) == out
+    assert any("fails its check" in m and "sha256" in m for m in said), said
+    flip("packs/experts-high.slots", lambda p: 100)(out)
+    demo.prepared_demo(say=said.append)
+    assert any("slot pack fails its check" in m for m in said), said
+    assert check(out) == []
