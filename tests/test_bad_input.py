@@ -520,7 +520,11 @@ SLOW_PREPARE = (
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
+    ids=["term", "kill"],
+)
 def test_killed_prepare_leaves_nothing_after_the_next_run(box, sig):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     argv = ["prepare", str(box / "hf"), "-o", str(box / "out")]
@@ -539,6 +543,7 @@ def test_killed_prepare_leaves_nothing_after_the_next_run(box, sig):
     assert not half_written(box)
 
 
+@pytest.mark.slow
 def test_demo_cache_is_checked_and_rebuilt(tmp_path, monkeypatch):
     from hobbit_tools import demo
     from hobbit_tools.inspect import check
