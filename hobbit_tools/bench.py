@@ -16,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+from . import validate
 from .runtime import load, strategy
 
 DEFAULT_PROMPTS = (
@@ -39,7 +40,9 @@ def bench(
     repeat: int = 1,
     progress=None,
 ) -> dict:
-    text = Path(ppl_text).read_text(encoding="utf-8", errors="replace") if ppl_text else None
+    validate.bounded("--repeat", repeat, 1, integer=True)
+    validate.bounded("--ppl-tokens", ppl_tokens, 2, integer=True)
+    text = validate.utf8_text(ppl_text, "perplexity text") if ppl_text else None
     # every repeat runs the whole list again, interleaved, so that a slow spell of a shared
     # machine hits all strategies alike; perplexity is deterministic and scored once
     reps: list[list[dict]] = []

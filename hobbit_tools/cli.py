@@ -121,15 +121,20 @@ def _load(
     "--low",
     help="Type of the low-precision expert shard, or 'none'. Default: Q4_K where the shapes allow.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is an empty dir or a model dir hobbit wrote (nothing else).",
+)
 @click.option(
     "--recipe", help="Preset (a name in recipes/ or a TOML path) giving the types; flags win."
 )
 @click.option(
     "--check",
     is_flag=True,
-    help="Instead of converting, re-verify the model dir SRC against its manifest (sha256 "
-    "of every shard); exit 0 if intact, 1 with what differs.",
+    help="Instead of converting, re-verify the model dir SRC: its manifest's fields, the "
+    "sha256 of every shard, the crc32 of every slot pack image; exit 0 if intact, 1 with "
+    "what differs.",
 )
 @click.option(
     "--pack/--no-pack",
@@ -160,6 +165,11 @@ def prepare(src, out, dense, high, low, force, recipe, check, pack, as_json) -> 
             click.echo(f"{src}: " + ("intact" if not problems else "DIFFERS from its manifest"))
             for p in problems:
                 click.echo(f"  {p}")
+            if problems:
+                click.echo(
+                    f"  fix: packs/ with `hobbit pack {src}`; shards or manifest with "
+                    f"`hobbit prepare SRC -o {src} --force`"
+                )
         sys.exit(1 if problems else 0)
     if not out:
         raise click.UsageError("give the output dir with -o/--out")
@@ -507,7 +517,11 @@ def pack(model_dir) -> None:
 @click.option(
     "--expert-ffn", required=True, type=int, help="New width of every routed expert's FFN."
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is an empty dir or a checkpoint synth/widen wrote (nothing else).",
+)
 def widen(src, out, expert_ffn, force) -> None:
     """Copy HF checkpoint SRC with its experts zero-padded to --expert-ffn: the same function
     and routing, experts as large as a big model's. For benchmarks on real routing."""
@@ -534,7 +548,11 @@ def widen(src, out, expert_ffn, force) -> None:
     "--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "f16", "f32"])
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is an empty dir or a checkpoint synth/widen wrote (nothing else).",
+)
 def synth(out, preset, layers, dtype, seed, force) -> None:
     """Write a random-weight Mixtral-architecture HF checkpoint to OUT, for benchmarks.
 

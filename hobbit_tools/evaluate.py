@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .errors import HobbitError
 from .runtime import Runtime
 
 
 def read_text(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise HobbitError(f"text file {p} does not exist")
-    return p.read_text(encoding="utf-8", errors="replace").replace("\r", "")
+    """A UTF-8 text file (an error names a missing, binary or non-UTF-8 one)."""
+    return validate.utf8_text(path, "text file")
 
 
 def perplexity(
@@ -35,6 +34,8 @@ def perplexity(
     mode: str = "decode",
     progress=None,
 ) -> dict:
+    validate.bounded("window", window, 1, integer=True)
+    validate.bounded("max_tokens", max_tokens, 2, integer=True)
     ids = rt.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise HobbitError("the text is too short to score (fewer than 2 tokens)")

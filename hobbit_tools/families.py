@@ -13,6 +13,7 @@ from typing import Literal
 
 import gguf
 
+from . import validate
 from .errors import HobbitError
 
 
@@ -216,8 +217,18 @@ class ModelConfig:
             raise HobbitError(
                 f"config.json lacks {e.args[0]!r}, which {fam.model_type} needs"
             ) from e
-        if num_experts <= 0:
-            raise HobbitError("config.json declares no routed experts (num_experts is 0)")
+        except (TypeError, ValueError) as e:
+            raise HobbitError(f"config.json holds a non-integer shape number ({e})") from e
+        validate.model_numbers(
+            "config.json: ",
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            experts=num_experts,
+            top_k=top_k,
+            expert_ffn=expert_ffn,
+            vocab=vocab,
+        )
         if fam.router == "sparsemixer" and top_k != 2:
             raise HobbitError(
                 f"{fam.model_type} routes with sparsemixer, defined for top-2 only; got {top_k}"
@@ -230,7 +241,7 @@ class ModelConfig:
         # window instead of implementing windowed attention.
         if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
             max_ctx = min(max_ctx, int(cfg["sliding_window"]))
-        return cls(
+        config = cls(
             family=fam.model_type,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -260,6 +271,7 @@ class ModelConfig:
             if fam.router == "grouped"
             else None,
         )
+        return validate.model_config(config)
 
 
 def _is_moe_layer(cfg: dict, fam: Family, layer: int) -> bool:

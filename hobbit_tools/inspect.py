@@ -41,25 +41,33 @@ def _packs(model_dir: Path) -> dict:
 
 
 def check(model_dir: str | Path) -> list[str]:
-    """Re-verify every shard against the manifest (size, sha256). Returns what differs."""
+    """Re-verify a model dir: the manifest's fields, every shard against it (size, sha256),
+    every slot pack's images against their crc32. Returns what differs."""
+    from .runtime.pack import damaged
+
     model_dir = Path(model_dir)
     try:
         m = read_manifest(model_dir)
     except HobbitError as e:
         return [str(e)]
-    problems = []
+    problems = [p for s in m["shards"] if (p := shard_problem(model_dir, s))]
+    if not m.get("dense_crc32"):
+        problems.append("manifest.json: no dense_crc32 (an older hobbit wrote it)")
     for s in m["shards"]:
-        path = model_dir / s["file"]
-        if not path.is_file():
-            problems.append(f"{s['file']}: missing")
-            continue
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            problems.append(f"{s['file']}: {size} bytes, manifest says {s['bytes']}")
-            continue
-        digest = sha256_file(path)
-        if digest != s["sha256"]:
-            problems.append(
-                f"{s['file']}: sha256 {digest[:16]}..., manifest says {s['sha256'][:16]}..."
-            )
+        if s["role"].startswith("experts-"):
+            problems += damaged(model_dir, s["role"].removeprefix("experts-"))
     return problems
+
+
+def shard_problem(model_dir: Path, s: dict) -> str | None:
+    """What differs between shard entry `s` of the manifest and its file, or None."""
+    path = Path(model_dir) / s["file"]
+    if not path.is_file():
+        return f"{s['file']}: missing"
+    size = path.stat().st_size
+    if size != s["bytes"]:
+        return f"{s['file']}: {size} bytes, manifest says {s['bytes']}"
+    digest = sha256_file(path)
+    if digest != s["sha256"]:
+        return f"{s['file']}: sha256 {digest[:16]}..., manifest says {s['sha256'][:16]}..."
+    return None

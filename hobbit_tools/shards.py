@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .errors import HobbitError
 ALIGNMENT = 4096
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+HEADER = "(header)"  # the dense crc32 key of the bytes before the first tensor
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,18 @@ class ShardReader:
         info = self.tensors[name]
         return self._r.data[info.offset : info.offset + info.nbytes]
 
+    def crc32(self, name: str = HEADER) -> int:
+        """crc32 of tensor `name`'s bytes, or of the header (metadata, tokenizer, tensor
+        infos: every byte before the first tensor) for HEADER."""
+        if name != HEADER:
+            return zlib.crc32(self.array(name))
+        start = min((t.offset for t in self.tensors.values()), default=len(self._r.data))
+        return zlib.crc32(self._r.data[:start])
+
+    def crc32_all(self) -> dict[str, str]:
+        """crc32 of the header and of every tensor, as the manifest records them."""
+        return {n: f"{self.crc32(n):08x}" for n in [HEADER, *self.tensors]}
+
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
@@ -165,43 +177,46 @@ def read_manifest(model_dir: Path) -> dict:
             f"(make one with `hobbit prepare SRC -o {model_dir}`)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HobbitError(f"{path} is not valid JSON ({e}); re-run `hobbit prepare`") from e
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise HobbitError(f"{path} is not valid UTF-8 JSON ({e}); re-run `hobbit prepare`") from e
+    if not isinstance(manifest, dict):
+        raise HobbitError(f"{path} is not a JSON object; re-run `hobbit prepare`")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise HobbitError(
             f"{path} has format version {version}, this hobbit reads version {FORMAT_VERSION}; "
             "re-run `hobbit prepare` with this version"
         )
+    from .validate import manifest_fields
+
+    manifest_fields(manifest, path)
     return manifest
+
+
+# What `hobbit prepare`, `hobbit pack` and `hobbit profile` write into a model dir, besides
+# the shards its manifest lists.
+MODEL_DIR_ENTRIES = {MANIFEST, "packs", "llamacpp", "hobbit-config.json", "profile-report.md"}
+
+
+def not_a_model_dir(path: Path) -> str | None:
+    """None if `path` is a model dir hobbit wrote (so `--force` may replace it), else why not."""
+    from .staging import unknown_entries
+
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_bytes())
+        tool = manifest["tool"]
+        shards = {s["file"] for s in manifest["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has no readable hobbit {MANIFEST}"
+    if not str(tool).startswith("hobbit-tools"):
+        return f"has a {MANIFEST} not written by hobbit"
+    return unknown_entries(
+        Path(path), lambda n: n in MODEL_DIR_ENTRIES or n in shards or n.endswith(".tmp")
+    )
 
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def staging_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yields a temporary sibling of `out`, renamed to `out` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise HobbitError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .shards import staging_dir
+from .staging import staging_dir, unknown_entries
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def make_random_checkpoint(
     }
     itemsize = torch.empty(0, dtype=dtype).element_size()
     total = sum(_numel(shape) * itemsize for _, shape in tensors)
-    with staging_dir(Path(out), force) as tmp:
+    with staging_dir(Path(out), force, replaceable=not_a_made_checkpoint, need_bytes=total) as tmp:
         writer = ShardedSafetensors(tmp, shard_bytes)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
         for name, shape in tensors:
@@ -162,6 +162,22 @@ def make_random_checkpoint(
             json.dumps({"bos_token_id": 0, "eos_token_id": 1})
         )
     return Path(out)
+
+
+def not_a_made_checkpoint(path: Path) -> str | None:
+    """None if `path` is a checkpoint `synth` or `widen` wrote (so `--force` may replace it)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return "has no readable config.json"
+    if not isinstance(config, dict) or not (
+        "hobbit_synth" in config or "hobbit_widened_from" in config
+    ):
+        return "is not a checkpoint hobbit synth or widen wrote"
+    return unknown_entries(
+        Path(path),
+        lambda n: n.endswith((".safetensors", ".json", ".tmp")),
+    )
 
 
 def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -212,7 +228,18 @@ def widen_checkpoint(
             "widening models with dense-FFN layers sharing intermediate_size is not supported"
         )
     config["hobbit_widened_from"] = cfg.expert_ffn
-    with staging_dir(Path(out), force) as tmp:
+    width = {"F32": 4, "F16": 2, "BF16": 2}
+    need = int(
+        sum(
+            _numel(ckpt.shape(n))
+            * width.get(ckpt.dtype(n), 4)
+            * (expert_ffn / cfg.expert_ffn if n in role_of else 1)
+            for n in ckpt.names()
+        )
+    )
+    with staging_dir(
+        Path(out), force, replaceable=not_a_made_checkpoint, keep=[src], need_bytes=need
+    ) as tmp:
         bar = tqdm(total=total, unit="param", unit_scale=True, desc="widen", disable=not progress)
         writer = ShardedSafetensors(tmp)
         for key in ckpt.names():

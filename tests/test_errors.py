@@ -99,8 +99,13 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     assert r.exit_code == 1 and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
     r = run("prepare", ckpt / "hf", "-o", out, "--force")
-    assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert r.exit_code == 1 and "remove it yourself" in r.output
+    assert (out / "keep.txt").read_text() == "mine", "--force deleted a file the user made"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty dir, then the model dir just written
+        r = run("prepare", ckpt / "hf", "-o", out, "--force")
+        assert r.exit_code == 0, r.output
+        assert (out / "manifest.json").exists()
 
 
 def test_unsupported_type(ckpt, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from ..runtime.strategy import Strategy
 from ..shards import read_manifest, write_json_atomic
@@ -48,16 +49,19 @@ def read_config(path: str | Path, model_dir: str | Path, fingerprint: dict | Non
     """The config at `path`, checked against the model dir (and the device, if given)."""
     path = Path(path)
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
         raise HobbitError(
             f"tuned config {path} is not readable ({e}); re-run `hobbit profile`"
         ) from e
+    if not isinstance(cfg, dict):
+        cfg = {"kind": type(cfg).__name__}
     if cfg.get("kind") != KIND or cfg.get("version") != VERSION:
         raise HobbitError(
             f"{path} is not a version-{VERSION} hobbit tuned config (found {cfg.get('kind')} "
             f"version {cfg.get('version')}); re-run `hobbit profile`"
         )
+    validate.tuned_runtime(cfg.get("runtime"), path)
     made_for = cfg.get("made_for", {})
     if made_for.get("shards") != shard_digests(model_dir):
         raise HobbitError(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from ..runtime.budget import parse_memory
 from ..runtime.loader import (
@@ -71,6 +72,9 @@ def profile(
     from .device import fingerprint, profile_device
 
     t_start = time.perf_counter()
+    text = validate.utf8_text(calibration or DEFAULT_TEXT, "calibration text")
+    validate.bounded("ppl_budget", ppl_budget, 0.0, 10.0)
+    validate.bounded("max_tokens", max_tokens, 64, integer=True)
     files = ModelFiles(model_dir)
     cfg = files.config
     dtype = compute_dtype(files, None)
@@ -84,11 +88,6 @@ def profile(
     bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
 
     say("2/4 running the calibration text")
-    text = (
-        Path(calibration or DEFAULT_TEXT)
-        .read_text(encoding="utf-8", errors="replace")
-        .replace("\r", "")
-    )
     ids = tokenizer(files).encode(text)[:max_tokens]
     if len(ids) < 64:
         raise HobbitError(
@@ -246,7 +245,7 @@ def _budget(files: ModelFiles, memory, model) -> int:
     total = full_cache_bytes(files, store.p["high"].slot_bytes)
     store.close()
     if memory is not None:
-        return parse_memory(memory, total)
+        return validate.memory_budget(parse_memory(memory, total), memory, total)
     available = _mem_available()
     budget = int(available * 0.5) - model.dense_bytes - model.cache.nbytes
     return max(min(budget, total), 0)

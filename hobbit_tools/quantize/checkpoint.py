@@ -29,14 +29,17 @@ class Checkpoint:
             raise HobbitError(
                 f"{self.path} has no config.json: it is not a Hugging Face checkpoint"
             )
-        self.config: dict = json.loads(cfg.read_text())
+        self.config: dict = _read_json(cfg)
         self._file_of = self._index()
         self._headers = {f: _header(self.path / f) for f in sorted(set(self._file_of.values()))}
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = dict(_read_json(index)["weight_map"])
+            except (KeyError, TypeError, ValueError):
+                raise HobbitError(f"{index} has no weight_map: re-download it") from None
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
                 raise HobbitError(
@@ -61,8 +64,21 @@ class Checkpoint:
         return self._headers[self._file_of[name]][name]["dtype"]
 
     def read(self, name: str) -> torch.Tensor:
-        with safe_open(self.path / self._file_of[name], framework="pt") as f:
-            return f.get_tensor(name)
+        """Tensor `name`; refused if it holds NaN or Inf (a broken checkpoint, not a model)."""
+        file = self._file_of[name]
+        try:
+            with safe_open(self.path / file, framework="pt") as f:
+                t = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own SafetensorError on damage
+            raise HobbitError(
+                f"{file}: tensor {name} is not readable ({e}); the file is damaged: re-download it"
+            ) from e
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HobbitError(
+                f"{file}: tensor {name} holds NaN or Inf values; the checkpoint is broken "
+                "(re-download it, or fix the training run that wrote it)"
+            )
+        return t
 
     def source_dtype(self) -> str:
         """The dtype most weight bytes are stored in: F32, F16 or BF16."""
@@ -89,16 +105,40 @@ class Checkpoint:
 
     def read_json(self, name: str) -> dict | None:
         p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else None
+        return _read_json(p) if p.is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise HobbitError(f"{path} is not valid UTF-8 JSON ({e}); fix or re-download it") from e
+    if not isinstance(data, dict):
+        raise HobbitError(f"{path} is not a JSON object; fix or re-download it")
+    return data
 
 
 def _header(path: Path) -> dict:
+    """The safetensors header, checked to describe data that the file really holds."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(n))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if n > path.stat().st_size:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise HobbitError(f"{path.name} is not a readable safetensors file ({e})") from e
+    size = path.stat().st_size
+    if 8 + n + end > size:
+        raise HobbitError(
+            f"{path.name} is truncated ({size:,} bytes, its header needs {8 + n + end:,}): "
+            "re-download it"
+        )
+    return header
 
 
 def _numel(shape) -> int:

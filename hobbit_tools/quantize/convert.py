@@ -17,20 +17,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import __version__
+from .. import __version__, validate
 from ..errors import HobbitError
 from ..families import ModelConfig
 from ..shards import (
     ALIGNMENT,
     FORMAT_VERSION,
     MANIFEST,
+    ShardReader,
     ShardWriter,
     TensorPlan,
     add_split_keys,
+    not_a_model_dir,
     sha256_file,
-    staging_dir,
     write_json_atomic,
 )
+from ..staging import staging_dir
 from . import qtypes
 from .checkpoint import Checkpoint
 from .layout import ROLES, dense_plan, expert_tensor_name
@@ -91,6 +93,7 @@ def prepare(
         precisions.append(Precision("low", _check_type(low, "--low")))
 
     experts, dense_names = _split_names(ckpt, cfg)
+    validate.checkpoint_layout(cfg, experts, dense_names)
     _check_experts(ckpt, cfg, experts)
     plan = dense_plan(ckpt, cfg, dense_names, dense)
     expert_plans = {p.name: _expert_plan(cfg, p.qtype) for p in precisions}
@@ -99,7 +102,8 @@ def prepare(
     )
 
     out = Path(out)
-    with staging_dir(out, force) as tmp:
+    need = total + (_pack_estimate(cfg, precisions) if pack else 0)
+    with staging_dir(out, force, replaceable=not_a_model_dir, keep=[src], need_bytes=need) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)
         n_split = len(plan) + len(expert_plans["high"])
         dense_file = f"dense-{dense}.gguf"
@@ -125,9 +129,22 @@ def prepare(
             from ..runtime.pack import wanted
 
             precisions_to_pack = None if pack else wanted(tmp)
-            if precisions_to_pack != []:
-                build_packs(tmp, precisions_to_pack, progress=progress)
+            if precisions_to_pack != []:  # the shards were just hashed: no verify
+                build_packs(tmp, precisions_to_pack, progress=progress, verify=False)
     return manifest
+
+
+def _pack_estimate(cfg: ModelConfig, precisions: list[Precision]) -> int:
+    """Slot-pack bytes, from the per-weight sizes of the kernels' layouts (`--pack` help)."""
+    weights = 3 * cfg.expert_ffn * cfg.hidden_size * cfg.num_experts * sum(cfg.moe_layers)
+    per_weight = {"Q8_0": 2.0, "Q6_K": 2.0}
+    return int(
+        sum(
+            per_weight.get(p.qtype, 0.63) * weights
+            for p in precisions
+            if p.qtype not in FLOAT_TYPES
+        )
+    )
 
 
 def _check_type(qtype: str, flag: str, allowed: tuple[str, ...] | None = None) -> str:
@@ -337,6 +354,7 @@ def _manifest(tmp, ckpt, cfg, dense_file, dense_type, precisions, plan, checksum
     for s in shards:
         s["bytes"] = (tmp / s["file"]).stat().st_size
         s["sha256"] = sha256_file(tmp / s["file"])
+    dense_crc = ShardReader(tmp / dense_file).crc32_all()
     n_moe = sum(cfg.moe_layers)
     per_expert = {
         p.name: sum(
@@ -359,6 +377,7 @@ def _manifest(tmp, ckpt, cfg, dense_file, dense_type, precisions, plan, checksum
         "expert_shard_bytes": {p: b * cfg.num_experts * n_moe for p, b in per_expert.items()},
         "dense_tensor_bytes": sum(t.plan.nbytes for t in plan),
         "expert_crc32": checksums,
+        "dense_crc32": dense_crc,
     }
 
 

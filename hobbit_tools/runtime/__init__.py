@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import ModelFiles, build_model, compute_dtype, tokenizer
@@ -86,6 +87,9 @@ def load(
             prefetch_depth=prefetch_depth,
             cache=cache_policy,
         )
+    validate.strategy(
+        policy, files.config, where=f"tuned config {tuned['path']}: " if tuned else ""
+    )
     model = build_model(files, None, dt, max_context)
     if isinstance(kernels, str):
         kernels = dict.fromkeys(files.manifest["types"].values(), kernels)

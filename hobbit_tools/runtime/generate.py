@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from .model import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
@@ -109,15 +110,23 @@ class Runtime:
 
     def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[Chunk]:
         """Yields a Chunk per new token; its return value (StopIteration.value) is the
-        Generation with text, ids and stats."""
+        Generation with text, ids and stats. Bad arguments fail here, before the first
+        token, not at the first `next`."""
         p = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop") or ())})
+        validate.sampling(p)
+        if isinstance(prompt, str):
+            validate.utf8_string(prompt, "the prompt")
         ids = self.encode(prompt)
-        room = self.model.cache.max_len - len(ids)
+        held, limit = self.model.cache.max_len, self.model.cfg.max_context
+        room = held - len(ids)
         if room <= 0:
+            more = f" or load with a larger max_context (up to {limit})" if held < limit else ""
             raise HobbitError(
-                f"the prompt has {len(ids)} tokens, the context holds {self.model.cache.max_len}; "
-                "shorten it or load with a larger max_context"
+                f"the prompt has {len(ids)} tokens, the context holds {held}; shorten it{more}"
             )
+        return self._decode(p, ids, room)
+
+    def _decode(self, p: SamplingParams, ids: list[int], room: int) -> Iterator[Chunk]:
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         self.model.reset()
         decoder = StreamDecoder(self.tokenizer)

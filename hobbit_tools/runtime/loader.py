@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from ..families import ModelConfig
 from ..quantize.convert import KEY_SOURCE_CONFIG
 from ..quantize.layout import ROLES, unpermute_qk
-from ..shards import ShardReader, read_manifest
+from ..shards import HEADER, ShardReader, read_manifest
 from .experts import ResidentExperts
 from .mla import MlaWeights
 from .model import LayerWeights, ModelWeights, Transformer
@@ -31,6 +32,13 @@ class ModelFiles:
         self.manifest = read_manifest(self.dir)
         by_role = {s["role"]: s for s in self.manifest["shards"]}
         self.dense = ShardReader(self.dir / by_role["dense"]["file"])
+        self._dense_crc = self.manifest.get("dense_crc32")
+        if not self._dense_crc:
+            raise HobbitError(
+                f"{self.dir}'s manifest has no dense checksums (an older hobbit made it); "
+                f"re-run `hobbit prepare SRC -o {self.dir} --force`"
+            )
+        self._verify_dense(HEADER)
         self.config = ModelConfig.from_hf(json.loads(self.dense.meta(KEY_SOURCE_CONFIG)))
         self._by_role = by_role
 
@@ -49,9 +57,11 @@ class ModelFiles:
         return ShardReader(self.dir / self._by_role[role]["file"])
 
     def dense_tensor(self, name: str, dtype: torch.dtype, rows: torch.Tensor | None = None):
-        """A float tensor in `dtype`, or for a quantized one its GGUF bytes as a
-        `ggml.Linear` (rows: reorder the rows first, e.g. llama.cpp's Q/K permutation)."""
+        """Dense tensor `name`, its bytes checked against the manifest's crc32 first: a float
+        tensor in `dtype`, or for a quantized one its GGUF bytes as a `ggml.Linear` (rows:
+        reorder the rows first, e.g. llama.cpp's Q/K permutation)."""
         info = self.dense.tensors[name]
+        self._verify_dense(name)
         raw = self.dense.array(name)
         if info.qtype in FLOAT_TYPES:
             t = raw_to_tensor(raw, info.qtype, info.shape).to(dtype)
@@ -66,6 +76,16 @@ class ModelFiles:
             )
         b = torch.from_numpy(np.array(raw)).view(info.shape[0], -1)  # a copy, not the memmap
         return ggml.Linear(b if rows is None else b[rows].contiguous(), info.qtype, info.shape)
+
+    def _verify_dense(self, name: str) -> None:
+        want = self._dense_crc.get(name)
+        if want is None or self.dense.crc32(name) != int(want, 16):
+            what = "its header" if name == HEADER else f"tensor {name}"
+            raise HobbitError(
+                f"{self.dense.path.name}: {what} fails its checksum; the shard is corrupt: "
+                f"re-run `hobbit prepare SRC -o {self.dir} --force` (check with "
+                f"`hobbit prepare {self.dir} --check`)"
+            )
 
 
 def raw_to_tensor(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -188,8 +208,17 @@ def build_model(
     files: ModelFiles, backend, dtype: torch.dtype, max_context: int | None
 ) -> Transformer:
     cfg = files.config
+    validate.max_context(max_context, cfg.max_context, _context_source(files))
     ctx = min(max_context or DEFAULT_CONTEXT, cfg.max_context)
     return Transformer(cfg, load_dense(files, dtype), backend, dtype, ctx)
+
+
+def _context_source(files: ModelFiles) -> str:
+    src = json.loads(files.dense.meta(KEY_SOURCE_CONFIG))
+    window = src.get("sliding_window") if src.get("use_sliding_window", True) else None
+    if window and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT):
+        return "its sliding_window caps it, as hobbit has no windowed attention"
+    return "its max_position_embeddings"
 
 
 def compute_dtype(files: ModelFiles, dtype: str | torch.dtype | None) -> torch.dtype:

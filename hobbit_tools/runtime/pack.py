@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..errors import HobbitError
 from ..shards import write_json_atomic
+from ..staging import check_free_space, write_error
 from .io import ShardFile, aligned_buffer
 
 PACK_VERSION = 1
@@ -113,8 +114,40 @@ def wanted(model_dir: str | Path) -> list[str]:
     ]
 
 
-def build(model_dir: str | Path, precisions=None, progress: bool = False) -> dict[str, str]:
-    """Write (or refresh) the packs of `model_dir`; returns {precision: what was done}."""
+def damaged(model_dir: str | Path, precision: str) -> list[str]:
+    """What is wrong with a precision's pack, read in full: an unreadable index, a size that
+    does not match it, images failing their crc32. Empty when it is intact (or absent)."""
+    slots, meta = paths(model_dir, precision)
+    if not meta.is_file():
+        return []
+    name = f"{PACK_DIR}/{slots.name}"
+    try:
+        info = json.loads(meta.read_bytes())
+        size, experts, crcs = int(info["slot_bytes"]), info["experts"], info["crc32"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{PACK_DIR}/{meta.name}: unreadable ({e})"]
+    if (
+        not slots.is_file()
+        or slots.stat().st_size != size * len(experts)
+        or len(crcs) != len(experts)
+    ):
+        return [f"{name}: its size does not match its index {meta.name}"]
+    bad = []
+    with open(slots, "rb") as f:
+        for i, (layer, e) in enumerate(experts):
+            if zlib.crc32(f.read(size)) != crcs[i]:
+                bad.append(f"{name}: layer {layer} expert {e} fails its checksum")
+    return bad
+
+
+def build(
+    model_dir: str | Path, precisions=None, progress: bool = False, verify: bool = True
+) -> dict[str, str]:
+    """Write (or refresh) the packs of `model_dir`; returns {precision: what was done}. A
+    current pack is read in full and rebuilt if any image fails its crc32; verify: first
+    check each expert shard's sha256 against the manifest (a pack is only as good as the
+    shard it came from)."""
+    from ..inspect import shard_problem
     from .loader import ModelFiles
     from .store import ExpertStore
 
@@ -128,11 +161,25 @@ def build(model_dir: str | Path, precisions=None, progress: bool = False) -> dic
             if p.qtype in UNPACKED_TYPES:
                 done[name] = f"not packed ({p.qtype}: its slot image is its shard bytes)"
                 continue
-            if store.open_pack(p) is not None:
+            shard = next(s for s in files.manifest["shards"] if s["role"] == f"experts-{name}")
+            problem = shard_problem(files.dir, shard) if verify else None
+            if problem:
+                raise HobbitError(
+                    f"{problem}: the shard is corrupt, so no pack can be made from it; "
+                    f"re-run `hobbit prepare SRC -o {files.dir} --force`"
+                )
+            current, bad = store.open_pack(p), None
+            if current is not None:
+                current.close()
+                bad = damaged(files.dir, name)
+            if bad == []:
                 done[name] = "up to date"
                 continue
-            _write(files.dir, name, store, progress)
-            done[name] = "written"
+            try:
+                _write(files.dir, name, store, progress)
+            except OSError as e:
+                raise write_error(e, paths(files.dir, name)[0]) from None
+            done[name] = f"rebuilt ({bad[0]}{' ...' if len(bad) > 1 else ''})" if bad else "written"
         finally:
             store.close()
     return done
@@ -142,6 +189,7 @@ def _write(model_dir: Path, name: str, store, progress: bool) -> None:
     p = store.p[name]
     slots, meta = paths(model_dir, name)
     slots.parent.mkdir(exist_ok=True)
+    check_free_space(slots.parent, len(p.slices) * p.image_bytes, slots)
     meta.unlink(missing_ok=True)  # the old pack stops existing before its bytes change
     tmp = slots.with_name(f".{slots.name}.tmp")
     order = sorted(p.slices)

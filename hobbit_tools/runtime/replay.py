@@ -42,9 +42,11 @@ def read_trace(path: str | Path, **csv_options) -> tuple[dict, list[dict]]:
     """A trace from `hobbit run --trace` (JSON lines) or a CSV routing trace (told apart by
     the first character; csv_options go to `csv_trace.read_csv_trace`)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
         raise HobbitError(f"cannot read trace {path} ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise HobbitError(f"{path} is not a UTF-8 text trace ({e.reason} at byte {e.start})") from e
     if not text.lstrip().startswith("{"):
         from .csv_trace import read_csv_trace
 
@@ -52,13 +54,14 @@ def read_trace(path: str | Path, **csv_options) -> tuple[dict, list[dict]]:
     lines = text.splitlines()
     try:
         header = json.loads(lines[0])
-    except (IndexError, json.JSONDecodeError) as e:
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (IndexError, ValueError) as e:  # ValueError: bad JSON
         raise HobbitError(
             f"{path} is not a readable trace ({e}); record one with `hobbit run --trace`"
         ) from e
-    if header.get("kind") != "hobbit-trace":
+    if not isinstance(header, dict) or header.get("kind") != "hobbit-trace":
         raise HobbitError(f"{path} is not a hobbit trace (no hobbit-trace header)")
-    return header, [json.loads(line) for line in lines[1:] if line.strip()]
+    return header, records
 
 
 @dataclass

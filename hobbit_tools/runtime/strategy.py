@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import validate
 from ..errors import HobbitError
 from .budget import parse_memory
 from .loader import ModelFiles, load_resident_experts
@@ -94,7 +95,12 @@ def build_backend(
             )
         budget = cfg.top_k * max(slot.values())
     else:
-        budget = parse_memory(memory, full_cache_bytes(files, store.p["high"].slot_bytes))
+        full = full_cache_bytes(files, store.p["high"].slot_bytes)
+        try:
+            budget = validate.memory_budget(parse_memory(memory, full), memory, full)
+        except HobbitError:
+            store.close()
+            raise
     if s.dynamic_precision:
         budgets = {"low": int(budget * s.low_share)}
         budgets["high"] = budget - budgets["low"]

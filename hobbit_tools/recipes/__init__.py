@@ -1,7 +1,8 @@
 """Recipes: TOML presets naming the prepare types and profile settings for a model family.
 
-`hobbit prepare --recipe R` and `hobbit profile --recipe R` take R as a path or as a name in
-the repository's recipes/ folder. Flags given on the command line win over the recipe.
+`hobbit prepare --recipe R` and `hobbit profile --recipe R` take R as a path or as a name of
+a TOML file in this package's folder (shipped in the wheel; the repository's top-level
+`recipes/` is a link to it). Flags given on the command line win over the recipe.
 Unknown sections or keys are errors that name them: a typo never silently does nothing.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .errors import HobbitError
+from ..errors import HobbitError
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).parent
 KEYS = {
     "prepare": {"dense", "high", "low"},
     "profile": {"ppl_budget", "memory", "max_tokens", "calibration"},
@@ -37,8 +38,8 @@ def load_recipe(recipe: str | Path | None, section: str) -> dict:
         return {}
     path = find(recipe)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise HobbitError(f"recipe {path} is not valid TOML: {e}") from e
     for key, value in data.items():
         if key in TOP_LEVEL:
