@@ -22,9 +22,14 @@ MAX_DIM = 1 << 20
 MAX_VOCAB = 1 << 24
 SEED_MAX = 2**63 - 1
 SKIP_MODES = ("drop", "renormalize")
-CACHE_POLICIES = ("lru", "lfu", "hobbit", "lcu")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX8 = re.compile(r"^[0-9a-f]{8}$")
+
+
+def _cache_policies() -> tuple[str, ...]:
+    from .runtime.policies import CACHE_POLICIES  # (runtime imports this module)
+
+    return tuple(p for p in CACHE_POLICIES if p != "ondemand")
 
 
 def bounded(field: str, value, lo, hi=None, *, where: str = "", integer: bool = False):
@@ -90,9 +95,10 @@ def strategy(s, cfg, where: str = "") -> None:
     """An offloading strategy's numbers against the model."""
     bounded("prefetch depth", s.prefetch_depth, 0, cfg.num_layers, where=where, integer=True)
     bounded("low_share", s.low_share, 0.0, 0.95, where=where)
-    if s.cache not in ("resident", "ondemand", *CACHE_POLICIES):
+    policies = _cache_policies()
+    if s.cache not in ("resident", "ondemand", *policies):
         raise HobbitError(
-            f"{where}cache policy {s.cache!r} is unknown (choose from {', '.join(CACHE_POLICIES)})"
+            f"{where}cache policy {s.cache!r} is unknown (choose from {', '.join(policies)})"
         )
     if s.skip not in SKIP_MODES:
         raise HobbitError(f"{where}skip = {s.skip!r} is unknown (choose from drop, renormalize)")
@@ -166,9 +172,10 @@ def tuned_runtime(r, path: Path) -> None:
         raise HobbitError(f"{w}runtime lacks {e.args[0]!r}; re-run `hobbit profile`") from None
     if policy not in STRATEGIES:
         raise HobbitError(f"{w}policy {policy!r} is unknown (choose from {', '.join(STRATEGIES)})")
-    if cache not in CACHE_POLICIES:
+    policies = _cache_policies()
+    if cache not in policies:
         raise HobbitError(
-            f"{w}cache_policy {cache!r} is unknown (choose from {', '.join(CACHE_POLICIES)})"
+            f"{w}cache_policy {cache!r} is unknown (choose from {', '.join(policies)})"
         )
     if not isinstance(dynamic, bool):
         raise HobbitError(f"{w}dynamic_precision = {dynamic!r} is not true or false")

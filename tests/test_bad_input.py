@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def base(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("bad_input")
-    prepared_pair(d, tokenizer_dir, **SHAPE)
+    prepared_pair(d, tokenizer_dir, pack=True, **SHAPE)
     return d
 
 
@@ -558,7 +558,4 @@ def test_demo_cache_is_checked_and_rebuilt(tmp_path, monkeypatch):
     (out / "notes").mkdir()  # the cache is hobbit's own: rebuilt whole
     assert demo.prepared_demo(say=said.append) == out
     assert any("fails its check" in m and "sha256" in m for m in said), said
-    flip("packs/experts-high.slots", lambda p: 100)(out)
-    demo.prepared_demo(say=said.append)
-    assert any("slot pack fails its check" in m for m in said), said
-    assert check(out) == []
+    assert check(out) == []  # (no packs: ggml computes on the shards; packs are checked above)

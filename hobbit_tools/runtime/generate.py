@@ -192,7 +192,8 @@ class Runtime:
 def rss_bytes() -> int:
     """This process's resident set now (Linux; 0 where /proc is absent)."""
     try:
-        pages = int(open("/proc/self/statm").read().split()[1])
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return 0
     return pages * resource.getpagesize()

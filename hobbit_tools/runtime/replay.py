@@ -46,7 +46,10 @@ def read_trace(path: str | Path, **csv_options) -> tuple[dict, list[dict]]:
     except OSError as e:
         raise HobbitError(f"cannot read trace {path} ({e.strerror})") from e
     except UnicodeDecodeError as e:
-        raise HobbitError(f"{path} is not a UTF-8 text trace ({e.reason} at byte {e.start})") from e
+        raise HobbitError(
+            f"{path} is not a readable trace (not UTF-8 text: {e.reason} at byte {e.start}); "
+            "record one with `hobbit run --trace`"
+        ) from e
     if not text.lstrip().startswith("{"):
         from .csv_trace import read_csv_trace
 
