@@ -57,6 +57,11 @@ def runtime_options(f):
                      help="Tuned config to use (default: hobbit-config.json next to the shards, "
                      "when no --policy is given)."),
         click.option("--no-config", is_flag=True, help="Ignore any tuned config."),
+        click.option("--kernels", type=click.Choice(["ggml", "torch"]),
+                     help="Compute path of quantized experts: ggml on the GGUF bytes in place, or "
+                     "torch's kernels after a conversion (default: the tuned config's, else ggml)."),
+        click.option("--threads", type=click.IntRange(1, 256),
+                     help="Compute threads for ggml and torch (default: 1 for ggml, torch's own)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Compute dtype (default: the dense shard's; float32 on CPUs without a fast bf16 GEMM)."),
     ]  # fmt: skip

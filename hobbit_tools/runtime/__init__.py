@@ -32,6 +32,7 @@ def load(
     config: str | Path | bool | None = None,
     packs: bool = True,
     kernels: str | dict[str, str] | None = None,
+    threads: int | None = None,
 ) -> Runtime:
     """Load a prepared model dir.
 
@@ -53,8 +54,14 @@ def load(
     kernels: which compute path serves the quantized expert types: "ggml" (on the GGUF
         bytes in place), "torch" (converted after the read, or from a slot pack), or a dict
         {type: path}; default: the tuned config's measured choice, else ggml where it loads.
+    threads: compute threads of ggml's kernels and torch (process-wide).
     """
+    from . import ggml
     from .generate import rss_bytes
+
+    if threads:
+        ggml.set_threads(threads)
+        torch.set_num_threads(threads)
 
     floor = rss_bytes()  # the interpreter, torch and hobbit, before the model
     files = ModelFiles(model_dir)
