@@ -196,3 +196,26 @@ def test_config_of_another_version_is_refused(profiled, tmp_path):
     (other / "hobbit-config.json").write_text(json.dumps({**cfg, "version": 7}))
     with pytest.raises(HobbitError, match="not a version-1 hobbit tuned config"):
         hobbit_tools.load(other)
+
+
+def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled):
+    """walk() (one layer at a time, one expert per precision in memory) computes what the
+    whole model with every expert resident computes."""
+    from hobbit_tools.profile.calibrate import LayerExperts, Windows, walk
+    from hobbit_tools.runtime.loader import ModelFiles, build_model
+    from hobbit_tools.runtime.store import ExpertStore
+
+    d, _ = profiled
+    rt = hobbit_tools.load(d / "model", policy="resident", config=False, dtype="float32")
+    files = ModelFiles(d / "model")
+    model = build_model(files, None, torch.float32, 65)
+    store = ExpertStore(files, ["high", "low"], torch.float32)
+    windows = Windows.of(list(range(5, 70)), list(range(100, 230)), 64)
+    backend = LayerExperts(store, None)
+    assert all(slots.n == 1 for slots in backend.slots.values())
+    hs = walk(model, windows, backend)
+    for ids, h in zip(windows.inputs, hs, strict=True):
+        rt.model.reset()
+        want = rt.model.forward(torch.tensor(ids), all_logits=True)
+        torch.testing.assert_close(model.logits(h), want, atol=2e-3, rtol=1e-3)
+    store.close()

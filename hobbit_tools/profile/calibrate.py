@@ -141,7 +141,7 @@ class Observer:
     e_low: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Ts, K]
     e_skip: dict[int, torch.Tensor] = field(default_factory=dict)
     scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _predicted: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _predicted: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     _hits: dict[int, list[int]] = field(default_factory=dict)
 
     def forward(self, backend: LayerExperts, layer, x, ids, weights):
@@ -161,14 +161,17 @@ class Observer:
             size[rows, slots] = hi_out.float().norm(dim=-1)
             if not has_low:
                 continue
-            lo_out = backend.expert(layer, e, "low")(x[rows])
-            d_low[rows, slots] = (lo_out.float() - hi_out.float()).norm(dim=-1)
+            # the low copy on the scored rows and the first max_rows routed ones only
             cal = (rows < n).nonzero().flatten()[: self.max_rows]
+            need = torch.cat([cal, (rows >= n).nonzero().flatten()])
+            lo_out = backend.expert(layer, e, "low")(x[rows[need]]).float()
+            diff = lo_out - hi_out[need].float()
+            d_low[rows[need], slots[need]] = diff.norm(dim=-1)
             if len(cal) == 0:
                 errors.append((e, float("nan")))
                 continue
-            hi, lo = hi_out[cal].float(), lo_out[cal].float()
-            errors.append((e, float((lo - hi).norm() / hi.norm().clamp_min(1e-12))))
+            hi = hi_out[cal].float()
+            errors.append((e, float(diff[: len(cal)].norm() / hi.norm().clamp_min(1e-12))))
         if has_low:
             err = [float("nan")] * backend.store.files.config.num_experts
             for e, v in errors:
@@ -203,13 +206,13 @@ class Observer:
     def proxy(self, rule: PrecisionRule) -> float:
         """Mean over scored tokens of the squared relative error a rule adds, summed over
         layers and slots: ranks candidates the way their perplexity would, cheaply."""
-        total, n = 0.0, 1
+        total = 0.0
         for layer, (ids, weights) in self.scored.items():
             lv = rule.levels(layer, ids, weights)
             total += float((self.e_low[layer][lv == LOW] ** 2).sum())
             total += float((self.e_skip[layer][lv == SKIP] ** 2).sum())
-            n = max(ids.shape[0], 1)
-        return total / n
+        tokens = next(iter(self.scored.values()))[0].shape[0] if self.scored else 0
+        return total / max(tokens, 1)
 
 
 def score_histogram(weights: dict[int, torch.Tensor], bins: int = 10) -> dict[int, list[int]]:

@@ -21,6 +21,7 @@ Steps (each reported):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def profile(
         )
 
     say("1/4 measuring the device")
-    device = profile_device(shard_paths, shapes, quick=quick)
+    device = profile_device(shard_paths, shapes, quick=quick, max_bytes=budget + plan.floor)
     bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
 
     say("2/4 running the calibration text, one layer at a time")
@@ -259,6 +260,11 @@ def _decode(files, dtype, budget, s: Strategy, ids, trace: bool = False):
     seconds = time.perf_counter() - t0
     header, records = (backend.trace_header(), backend.trace) if trace else (None, None)
     backend.close()
+    # The backend's slot arenas (anonymous shared mmaps) live until its reference cycles are
+    # collected: free them now, or the next run's arenas come on top (under a memory limit,
+    # three decode runs in a row are then killed).
+    model.experts = backend = None
+    gc.collect()
     return seconds, header, records
 
 

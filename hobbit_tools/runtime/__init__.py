@@ -121,6 +121,7 @@ def load(
         "config": tuned["path"] if tuned else None,
         # set when no budget was given: how the default one was found
         "memory_source": auto.describe() if auto else None,
+        "memory_available": auto.available.bytes if auto else None,
         # per quantized expert precision in use: whether loads read a slot pack (no
         # conversion after the read)
         "packed": _packed(backend),
