@@ -92,9 +92,8 @@ def _load(
         config=False if no_config else config,
         **options,
     )
-    if rt.info.get("memory_source") and not quiet:
-        how = "they fit: loading them all" if rt.info["policy"] == "resident" else "offloading"
-        click.echo(f"[no --memory: {rt.info['memory_source']}; {how}]", err=True)
+    if rt.info.get("memory_source") and rt.info["policy"] != "resident" and not quiet:
+        click.echo(f"[no --memory: {rt.info['memory_source']}; offloading]", err=True)
     if rt.info.get("config") and not quiet:
         click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
     stale = [p for p, ok in rt.info.get("packed", {}).items() if not ok]
