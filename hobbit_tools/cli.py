@@ -42,9 +42,11 @@ def runtime_options(f):
         click.option("--precision", default="high", show_default=True, type=click.Choice(["high", "low"]),
                      help="Which expert shard serves when dynamic precision is off."),
         click.option("--memory", help="Expert cache budget: bytes, a size (1.5GiB, 800MB) or a share of what "
-                     "all experts take in memory at high precision (30%). Given, experts are read from disk on demand."),
+                     "all experts take in memory at high precision (30%). Default: what this process may use "
+                     "(MemAvailable or its cgroup limit, the smaller) less dense, KV and a floor."),
         click.option("--policy", type=click.Choice(["resident", "ondemand", "lru", "lfu", "lru+prefetch", "hobbit"]),
-                     help="Offloading strategy. Default: resident without --memory, lru with it. "
+                     help="Offloading strategy. Default: the tuned config's; else resident when all experts "
+                     "fit in the budget, lru when they do not. "
                      "hobbit = dynamic precision + adaptive prefetch + multidimensional cache."),
         click.option("--dynamic-precision/--no-dynamic-precision", default=None,
                      help="Load unimportant cache misses in low precision, or skip them (default: per policy)."),
@@ -97,6 +99,8 @@ def _load(
     )
     if rt.info.get("cliff") and not quiet:
         click.echo(f"[{rt.info['cliff']}]", err=True)
+    if rt.info.get("memory_source") and rt.info["policy"] != "resident" and not quiet:
+        click.echo(f"[no --memory: {rt.info['memory_source']}; offloading]", err=True)
     if rt.info.get("config") and not quiet:
         click.echo(f"[using tuned config {rt.info['config']} (--no-config to ignore)]", err=True)
     stale = [p for p, ok in rt.info.get("packed", {}).items() if not ok]
@@ -586,7 +590,8 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
 )
 @click.option(
     "--memory",
-    help="Expert cache budget to tune for (default: half the available RAM, less dense and KV).",
+    help="Expert cache budget to tune for (default: what this process may use, the smaller of "
+    "MemAvailable and its cgroup limit, less dense, KV and a floor).",
 )
 @click.option(
     "--ppl-budget", type=float, help="Allowed perplexity increase over all-high (default 0.01)."

@@ -9,7 +9,13 @@ from tiny_models import prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
-from hobbit_tools.profile.fit import expected_cost, fit_prefetch_depth, fit_thresholds, weight_grid
+from hobbit_tools.profile.fit import (
+    T_GRID,
+    expected_cost,
+    fit_prefetch_depth,
+    fit_thresholds,
+    weight_grid,
+)
 from hobbit_tools.profile.profiler import profile
 
 SHAPE = quantizable(num_experts_per_tok=3)
@@ -28,16 +34,44 @@ def test_fit_recovers_known_thresholds():
     def evaluate(t1, t2):
         return 10.0 * (1.2 if t1 < 0.4 or t2 < 0.7 else 1.0)
 
+    def proxy(t1, t2):  # an error estimate that rises as the thresholds fall, as ppl does
+        return (1 - t1) + 2 * (1 - t2)
+
     cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3, "skip": 0.0})
-    fit = fit_thresholds(evaluate, cost, base_ppl=10.0, budget=0.01)
+    fit = fit_thresholds(evaluate, cost, proxy, base_ppl=10.0, budget=0.01)
     assert (fit["t1"], fit["t2"]) == (0.4, 0.7)
     assert fit["cost"] < cost(1.0, 1.0)
+    # bisection over the front: a handful of end-to-end runs instead of one per candidate
+    assert len(fit["tried"]) <= 8 < fit["candidates"]
+
+
+def test_fit_bisection_finds_the_cheapest_pair_the_sequential_scan_finds():
+    """On a model whose perplexity is a function of the error estimate, bisecting the front
+    lands where trying every candidate from the cheapest up would."""
+    cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3, "skip": 0.0})
+    err = expected_cost(synthetic_weights(seed=1), {"high": 0.0, "low": 0.2, "skip": 1.0})
+    for limit in (0.05, 0.2, 0.5, 1.0):
+
+        def evaluate(t1, t2, limit=limit):
+            return 10.0 * (1.0 + 0.01 * err(t1, t2) / limit)
+
+        fit = fit_thresholds(evaluate, cost, err, base_ppl=10.0, budget=0.01)
+        pairs = [(a, b) for a in T_GRID for b in T_GRID if b >= a]
+        scan = min(
+            (p for p in pairs if evaluate(*p) <= 10.0 * 1.01),
+            key=lambda t: (cost(*t), -t[0], -t[1]),
+        )
+        assert (fit["t1"], fit["t2"]) == scan
 
 
 def test_fit_keeps_all_high_when_nothing_meets_the_budget():
     cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3})
     fit = fit_thresholds(
-        lambda a, b: 11.0 if (a, b) != (1.0, 1.0) else 10.0, cost, 10.0, max_evals=100
+        lambda a, b: 11.0 if (a, b) != (1.0, 1.0) else 10.0,
+        cost,
+        lambda a, b: 2 - a - b,
+        10.0,
+        max_evals=100,
     )
     assert (fit["t1"], fit["t2"]) == (1.0, 1.0)
 
@@ -96,7 +130,8 @@ def test_fitted_thresholds_meet_the_perplexity_budget(profiled):
     f = result["fitted"]
     th = f["thresholds"]
     assert th["ppl"] <= f["base_ppl"] * 1.01 + 1e-9
-    assert th["tried"][-1]["t1"] == th["t1"] and th["tried"][-1]["t2"] == th["t2"]
+    chosen = [t for t in th["tried"] if (t["t1"], t["t2"]) == (th["t1"], th["t2"])]
+    assert chosen or (th["t1"], th["t2"]) == (1.0, 1.0)
 
 
 @pytest.mark.parametrize("faster", [True, False])
@@ -161,3 +196,26 @@ def test_config_of_another_version_is_refused(profiled, tmp_path):
     (other / "hobbit-config.json").write_text(json.dumps({**cfg, "version": 7}))
     with pytest.raises(HobbitError, match="not a version-1 hobbit tuned config"):
         hobbit_tools.load(other)
+
+
+def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled):
+    """walk() (one layer at a time, one expert per precision in memory) computes what the
+    whole model with every expert resident computes."""
+    from hobbit_tools.profile.calibrate import LayerExperts, Windows, walk
+    from hobbit_tools.runtime.loader import ModelFiles, build_model
+    from hobbit_tools.runtime.store import ExpertStore
+
+    d, _ = profiled
+    rt = hobbit_tools.load(d / "model", policy="resident", config=False, dtype="float32")
+    files = ModelFiles(d / "model")
+    model = build_model(files, None, torch.float32, 65)
+    store = ExpertStore(files, ["high", "low"], torch.float32)
+    windows = Windows.of(list(range(5, 70)), list(range(100, 230)), 64)
+    backend = LayerExperts(store, None)
+    assert all(slots.n == 1 for slots in backend.slots.values())
+    hs = walk(model, windows, backend)
+    for ids, h in zip(windows.inputs, hs, strict=True):
+        rt.model.reset()
+        want = rt.model.forward(torch.tensor(ids), all_logits=True)
+        torch.testing.assert_close(model.logits(h), want, atol=2e-3, rtol=1e-3)
+    store.close()

@@ -1,123 +1,224 @@
-"""Running the model on calibration text to learn how it routes.
+"""Running the model on calibration text one layer at a time, to learn how it routes.
 
-`CalibrationExperts` is an ExpertBackend with every expert resident at both precisions. It
-records each layer's routing (ids, weights) and samples the inputs each expert sees, and it
-computes every (token, slot) at exactly the precision a `PrecisionRule` gives it, as if every
-expert were a cache miss: the worst case for accuracy, so thresholds fitted with it hold
-whatever the cache happens to contain.
+Nothing here holds more than one expert at each precision: `walk` pushes every window of
+tokens through layer 1, then layer 2, ... (the residual of every token is what is kept
+between layers), and each MoE layer's experts are read through the runtime's `ExpertStore`
+one after the other into one reused slot per precision, computed on every token routed to
+them, and released. Each (token, slot) is computed at exactly the precision a
+`PrecisionRule` gives it, as if every expert were a cache miss: the worst case for accuracy,
+so thresholds fitted with it hold whatever the cache happens to contain.
+
+An `Observer` records, in the same pass: routing, next-layer prediction recall, each
+expert's low-vs-high error, and per (token, slot) the error its low copy and its skipping
+would add, from which the fit ranks threshold candidates without running them.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from ..runtime.experts import Combiner, Expert, dispatch
-from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights
+from ..runtime.experts import Combiner, dispatch
+from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights, unimportance
+from ..runtime.store import ExpertStore, SlotArena
 
 
 @dataclass
-class RoutingLog:
-    ids: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [T, K] chunks
-    weights: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [T, D] chunks
+class Windows:
+    """Token windows scored from an empty cache: inputs, and the next tokens as targets
+    (None for windows only routed)."""
 
-    def cat(self, what: str, layer: int) -> torch.Tensor:
-        return torch.cat(getattr(self, what)[layer])
+    inputs: list[list[int]]
+    targets: list[list[int] | None]
+
+    @classmethod
+    def of(cls, routed: list[int], scored: list[int], window: int) -> Windows:
+        ins, tgts = [], []
+        for start in range(0, len(routed), window):
+            chunk = routed[start : start + window]
+            if len(chunk) > 1:
+                ins.append(chunk)
+                tgts.append(None)
+        for start in range(0, len(scored) - 1, window):
+            chunk = scored[start : start + window + 1]
+            if len(chunk) < 2:
+                break
+            ins.append(chunk[:-1])
+            tgts.append(chunk[1:])
+        return cls(ins, tgts)
+
+    def scored(self) -> Windows:
+        keep = [i for i, t in enumerate(self.targets) if t is not None]
+        return Windows([self.inputs[i] for i in keep], [self.targets[i] for i in keep])
+
+    @property
+    def routed_tokens(self) -> int:
+        return sum(len(x) for x, t in zip(self.inputs, self.targets, strict=True) if t is None)
 
 
-class CalibrationExperts:
-    def __init__(self, high: dict[int, list[Expert]], low: dict[int, list[Expert]] | None):
-        self.high, self.low = high, low
-        self.rule: PrecisionRule | None = None  # None: all high
-        self.skip = "drop"
-        self.log: RoutingLog | None = None
+class LayerExperts:
+    """The ExpertBackend of a layer-by-layer pass: each routed expert read into this
+    precision's one slot, computed on its tokens at the rule's level, then let go."""
+
+    def __init__(self, store: ExpertStore, rule: PrecisionRule | None, observer=None):
+        self.store, self.rule, self.observer = store, rule, observer
+        self.slots = {p: SlotArena(q.slot_bytes, 1) for p, q in store.p.items()}
+        self.resid_norm: torch.Tensor | None = None  # [T] residual norms, for the observer
+
+    def expert(self, layer: int, e: int, precision: str):
+        return self.store.read(layer, e, precision, self.slots[precision].view(0))
 
     def forward(self, layer, x, ids, weights):
-        if self.log is not None:
-            self.log.ids.setdefault(layer, []).append(ids.clone())
-            self.log.weights.setdefault(layer, []).append(weights.clone())
-            self.log.inputs.setdefault(layer, []).append(x.float().clone())
+        if self.observer is not None:
+            return self.observer.forward(self, layer, x, ids, weights)
         level = (
             torch.zeros_like(ids) if self.rule is None else self.rule.levels(layer, ids, weights)
         )
         if bool((level == SKIP).any()):
-            weights = skip_weights(weights, level == SKIP, self.skip)
+            weights = skip_weights(weights, level == SKIP, "drop")
         out = Combiner(x, weights)
         for e, rows, slots in dispatch(ids):
             lv = level[rows, slots]
-            for want, bank in ((HIGH, self.high), (LOW, self.low)):
+            for want, name in ((HIGH, "high"), (LOW, "low")):
                 sel = lv == want
                 if bool(sel.any()):
-                    out.add(bank[layer][e], x, rows[sel], slots[sel])
+                    out.add(self.expert(layer, e, name), x, rows[sel], slots[sel])
         return out.result()
 
     def new_sequence(self) -> None:
         pass
 
-    def stats(self) -> dict:
-        return {
-            "hits": 0,
-            "misses": 0,
-            "hit_rate": 1.0,
-            "bytes_read": 0,
-            "io_wait_s": 0.0,
-            "cache_bytes": 0,
-        }
+
+def walk(model, windows: Windows, backend: LayerExperts, label: str = "") -> list[torch.Tensor]:
+    """Every window through every layer, one layer at a time; the final residuals [T, D]
+    per window. Attention runs per window (each from position 0, its own KV), the FFN on
+    all windows' tokens stacked."""
+    model.experts = backend
+    hs = [model.w.embed[torch.tensor(w)].to(model.dtype) for w in windows.inputs]
+    sizes = [len(w) for w in windows.inputs]
+    bar = tqdm(
+        range(len(model.w.layers)), desc=label, unit="layer", disable=not sys.stderr.isatty()
+    )
+    with torch.inference_mode():
+        for i in bar:
+            hs = [model.attention_step(i, h, 0, *model.rope(0, len(h))) for h in hs]
+            h = torch.cat(hs)
+            backend.resid_norm = h.float().norm(dim=-1)
+            hs = list(model.ffn_step(i, h).split(sizes))
+    return hs
 
 
-def sensitivity(
-    cal: CalibrationExperts, log: RoutingLog, max_rows: int = 64
-) -> dict[int, list[float]]:
-    """Per layer and expert: relative output error of the low copy against the high one,
-    ||low(x) - high(x)|| / ||high(x)||, on the inputs the expert really received."""
-    out: dict[int, list[float]] = {}
-    for layer in sorted(log.ids):
-        ids, xs = log.cat("ids", layer), log.cat("inputs", layer)
-        errors = []
-        for e in range(len(cal.high[layer])):
-            rows = (ids == e).any(dim=-1).nonzero().flatten()[:max_rows]
-            if len(rows) == 0:
-                errors.append(float("nan"))
+def perplexity(model, windows: Windows, hs: list[torch.Tensor]) -> float:
+    """exp(mean NLL) of the scored windows' targets from their final residuals."""
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for h, target in zip(hs, windows.targets, strict=True):
+            if target is None:
                 continue
-            x = xs[rows].to(_dtype(cal.high[layer][e]))
-            hi = cal.high[layer][e](x).float()
-            lo = cal.low[layer][e](x).float()
-            errors.append(float((lo - hi).norm() / hi.norm().clamp_min(1e-12)))
-        out[layer] = errors
-    return out
+            logits = model.logits(h)
+            nll += float(
+                torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum")
+            )
+            n += len(target)
+    return math.exp(nll / n)
 
 
-def prediction_recall(log: RoutingLog, router_view, max_depth: int) -> dict[int, float]:
-    """Share of each layer's selected experts that the gate of that layer, fed the gate input
-    of the layer d MoE layers before, predicts (top-k sets, per token)."""
-    layers = sorted(log.ids)
-    hits = {d: [0, 0] for d in range(1, max_depth + 1)}
-    for layer in layers:
-        x = log.cat("inputs", layer)
-        for d, (target, ids, _) in enumerate(
-            router_view.predict(layer, x.to(router_view.stacked.dtype), max_depth), 1
+@dataclass
+class Observer:
+    """What an all-high pass records. Rows [0, n_routed) are the routed (calibration)
+    tokens, the rest the scored (held-out) ones."""
+
+    n_routed: int
+    router_view: object | None = None  # RouterView, for prediction recall
+    max_depth: int = 3
+    max_rows: int = 64  # per expert, for its low-vs-high error
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Tr, K]
+    sensitivity: dict[int, list[float]] = field(default_factory=dict)
+    e_low: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Ts, K]
+    e_skip: dict[int, torch.Tensor] = field(default_factory=dict)
+    scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _predicted: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    _hits: dict[int, list[int]] = field(default_factory=dict)
+
+    def forward(self, backend: LayerExperts, layer, x, ids, weights):
+        """All-high outputs; with a low shard, also each (token, slot)'s low output."""
+        n = self.n_routed
+        self._recall(layer, x[:n], ids[:n])
+        self.weights[layer] = weights[:n].clone()
+        self.scored[layer] = (ids[n:].clone(), weights[n:].clone())
+        has_low = "low" in backend.store.p
+        out = Combiner(x, weights)
+        d_low = torch.zeros(ids.shape, dtype=torch.float32)
+        size = torch.zeros(ids.shape, dtype=torch.float32)
+        errors = []
+        for e, rows, slots in dispatch(ids):
+            hi_out = backend.expert(layer, e, "high")(x[rows])
+            out.parts[rows, slots] = hi_out * out.w[rows, slots, None]
+            size[rows, slots] = hi_out.float().norm(dim=-1)
+            if not has_low:
+                continue
+            # the low copy on the scored rows and the first max_rows routed ones only
+            cal = (rows < n).nonzero().flatten()[: self.max_rows]
+            need = torch.cat([cal, (rows >= n).nonzero().flatten()])
+            lo_out = backend.expert(layer, e, "low")(x[rows[need]]).float()
+            diff = lo_out - hi_out[need].float()
+            d_low[rows[need], slots[need]] = diff.norm(dim=-1)
+            if len(cal) == 0:
+                errors.append((e, float("nan")))
+                continue
+            hi = hi_out[cal].float()
+            errors.append((e, float(diff[: len(cal)].norm() / hi.norm().clamp_min(1e-12))))
+        if has_low:
+            err = [float("nan")] * backend.store.files.config.num_experts
+            for e, v in errors:
+                err[e] = v
+            self.sensitivity[layer] = err
+        # relative to the residual: what dropping a slot, or taking its low copy, moves
+        scale = weights.float() / backend.resid_norm[:, None].clamp_min(1e-12)
+        self.e_low[layer] = (d_low * scale)[n:]
+        self.e_skip[layer] = (size * scale)[n:]
+        return out.result()
+
+    def _recall(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
+        for d, p_ids in self._predicted.pop(layer, []):
+            hit = self._hits.setdefault(d, [0, 0])
+            hit[0] += sum(
+                len(set(p) & set(a)) for p, a in zip(p_ids.tolist(), ids.tolist(), strict=True)
+            )
+            hit[1] += ids.numel()
+        if self.router_view is None:
+            return
+        xr = x.to(self.router_view.stacked.dtype)
+        for d, (target, p_ids, _) in enumerate(
+            self.router_view.predict(layer, xr, self.max_depth), 1
         ):
-            actual = log.cat("ids", target)
-            for p_row, a_row in zip(ids.tolist(), actual.tolist(), strict=True):
-                hits[d][0] += len(set(p_row) & set(a_row))
-                hits[d][1] += len(a_row)
-    return {d: h / n for d, (h, n) in hits.items() if n}
+            self._predicted.setdefault(target, []).append((d, p_ids))
+
+    def recall(self) -> dict[int, float]:
+        """Share of each layer's selected experts that the gate of that layer, fed the gate
+        input of the layer d MoE layers before, predicts (top-k sets, per token)."""
+        return {d: h / n for d, (h, n) in sorted(self._hits.items()) if n}
+
+    def proxy(self, rule: PrecisionRule) -> float:
+        """Mean over scored tokens of the squared relative error a rule adds, summed over
+        layers and slots: ranks candidates the way their perplexity would, cheaply."""
+        total = 0.0
+        for layer, (ids, weights) in self.scored.items():
+            lv = rule.levels(layer, ids, weights)
+            total += float((self.e_low[layer][lv == LOW] ** 2).sum())
+            total += float((self.e_skip[layer][lv == SKIP] ** 2).sum())
+        tokens = next(iter(self.scored.values()))[0].shape[0] if self.scored else 0
+        return total / max(tokens, 1)
 
 
-def score_histogram(log: RoutingLog, bins: int = 10) -> dict[int, list[int]]:
+def score_histogram(weights: dict[int, torch.Tensor], bins: int = 10) -> dict[int, list[int]]:
     """Per layer: how the unimportance scores of selected experts spread over [0, 1]."""
-    from ..runtime.precision import unimportance
-
     out = {}
-    for layer in sorted(log.weights):
-        s = unimportance(log.cat("weights", layer)).flatten()
+    for layer in sorted(weights):
+        s = unimportance(weights[layer]).flatten()
         out[layer] = torch.histc(s, bins=bins, min=0.0, max=1.0).int().tolist()
     return out
-
-
-def _dtype(expert: Expert) -> torch.dtype:
-    if getattr(expert, "dtype", None) is not None:
-        return expert.dtype
-    return getattr(getattr(expert, "gate", None), "dtype", torch.float32)

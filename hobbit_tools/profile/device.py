@@ -330,10 +330,17 @@ def _qtype_of(path: Path) -> str:
     return Path(path).name.removesuffix(".gguf").rsplit("-", 1)[-1]
 
 
-def profile_device(shard_paths: dict[str, Path], expert_shapes, *, quick: bool = False) -> dict:
+def profile_device(
+    shard_paths: dict[str, Path],
+    expert_shapes,
+    *,
+    quick: bool = False,
+    max_bytes: int | None = None,
+) -> dict:
     """Every probe above as one JSON-serialisable dict. `shard_paths` maps precision name ->
     expert shard ("experts-<precision>-<TYPE>.gguf"); reads use the "high" one (else the
-    largest), kernels every TYPE named. quick=True: fewer points and bytes (tests, CI)."""
+    largest), kernels every TYPE named. quick=True: fewer points and bytes (tests, CI).
+    max_bytes: what the probes' buffers may take together (under a memory limit)."""
     paths = {k: Path(v) for k, v in shard_paths.items()}
     read_path = paths.get("high") or max(paths.values(), key=lambda p: p.stat().st_size)
     qtypes = list(dict.fromkeys(_qtype_of(p) for p in paths.values()))
@@ -342,6 +349,11 @@ def profile_device(shard_paths: dict[str, Path], expert_shapes, *, quick: bool =
         ram_bytes = 32 << 20
     else:
         kw, ram_bytes = {}, 256 << 20
+    if max_bytes is not None:
+        # the RAM copy holds two buffers; a read point one request per thread (up to 4)
+        ram_bytes = max(min(ram_bytes, max_bytes // 4), 1 << 20)
+        sizes = kw.get("request_sizes", (1 << 20, 8 << 20, 32 << 20))
+        kw["request_sizes"] = tuple(r for r in sizes if 4 * r <= max_bytes // 2) or (1 << 20,)
     direct, refused = probe_reads(read_path, direct=True, **kw)
     buffered, _ = probe_reads(read_path, direct=False, **kw)
     return {

@@ -2,7 +2,7 @@
 
 Pure functions over callables and traces, so each is testable on synthetic data:
 - thresholds: the (T1, T2) with the lowest expected load cost whose perplexity stays within
-  the budget over all-high;
+  the budget over all-high, ranked by a cheap error estimate and confirmed by few runs;
 - cache: the eviction policy, HOBBIT's priority weights and the high/low split with the
   lowest miss penalty on a replayed routing trace;
 - prefetch depth: the deepest look-ahead whose prediction recall is still worth a read.
@@ -11,6 +11,7 @@ Pure functions over callables and traces, so each is testable on synthetic data:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -43,41 +44,46 @@ def expected_cost(weights_by_layer: dict[int, torch.Tensor], cost: dict[str, flo
 def fit_thresholds(
     evaluate: Callable[[float, float], float],
     cost: Callable[[float, float], float],
+    proxy: Callable[[float, float], float],
     base_ppl: float,
     budget: float = 0.01,
     grid: tuple[float, ...] = T_GRID,
-    max_evals: int = 40,
+    max_evals: int = 8,
 ) -> dict:
-    """Cheapest (T1, T2) with evaluate(T1, T2) <= base_ppl * (1 + budget).
+    """Cheapest (T1, T2) with evaluate(T1, T2) <= base_ppl * (1 + budget), evaluating few.
 
-    Candidates are tried from the cheapest up, so the first that meets the budget wins;
-    T2 = 1.0 never skips (unimportance is always below 1) and T1 = T2 = 1.0 is all-high."""
+    `proxy` is a cheap estimate of the error a pair adds, rising with perplexity. Only the
+    pairs no cheaper pair beats on it can be the answer (a cheaper pair with less error
+    would meet the budget first): along that front, cost rises while the error falls, so
+    the budget is met from some point on, found by bisection with `evaluate` (the end-to-end
+    check) in about log2(front) runs. T2 = 1.0 never skips (unimportance is always below 1)
+    and T1 = T2 = 1.0 is all-high, which meets the budget by definition."""
     candidates = sorted(
-        ((t1, t2) for t1 in grid for t2 in grid if t2 >= t1),
+        ((t1, t2) for t1 in grid for t2 in grid if t2 >= t1 and (t1, t2) != (1.0, 1.0)),
         key=lambda t: (cost(*t), -t[0], -t[1]),
     )
+    front, least = [], math.inf
+    for t in candidates:
+        p = proxy(*t)
+        if p < least:
+            front.append((t, p))
+            least = p
     limit = base_ppl * (1 + budget)
-    tried = []
-    for t1, t2 in candidates[:max_evals]:
+    tried: list[dict] = []
+    lo, hi, best = -1, len(front), None  # front[lo] fails, front[hi] meets (len: all-high)
+    while hi - lo > 1 and len(tried) < max_evals:
+        mid = (lo + hi) // 2
+        (t1, t2), p = front[mid]
         ppl = evaluate(t1, t2)
-        tried.append({"t1": t1, "t2": t2, "ppl": ppl, "cost": cost(t1, t2)})
+        tried.append({"t1": t1, "t2": t2, "ppl": ppl, "cost": cost(t1, t2), "proxy": p})
         if ppl <= limit:
-            return {
-                "t1": t1,
-                "t2": t2,
-                "ppl": ppl,
-                "cost": cost(t1, t2),
-                "limit": limit,
-                "tried": tried,
-            }
-    return {
-        "t1": 1.0,
-        "t2": 1.0,
-        "ppl": base_ppl,
-        "cost": cost(1.0, 1.0),
-        "limit": limit,
-        "tried": tried,
-    }
+            hi, best = mid, tried[-1]
+        else:
+            lo = mid
+    common = {"limit": limit, "tried": tried, "candidates": len(candidates), "front": len(front)}
+    if best is None:
+        return {"t1": 1.0, "t2": 1.0, "ppl": base_ppl, "cost": cost(1.0, 1.0), **common}
+    return {k: best[k] for k in ("t1", "t2", "ppl", "cost")} | common
 
 
 def weight_grid(step: float = 0.2) -> list[tuple[float, float, float, float]]:

@@ -4,11 +4,15 @@ tuned config and a report next to the shards.
 Steps (each reported):
 1. device: direct/buffered read bandwidth of the disk holding the shards, RAM bandwidth,
    host-to-GPU where CUDA exists, expert kernel time per shard type at this model's shapes;
-2. model, on calibration text (default: a bundled public-domain excerpt): routing per layer,
+2. model, on calibration text (default: a bundled public-domain excerpt), one layer at a time
+   (calibrate.py: never more than one expert per precision in memory): routing per layer,
    unimportance-score histograms, each expert's low-vs-high output error, next-layer
-   prediction recall per depth; a held-out part of the text for perplexity;
+   prediction recall per depth, the error each (token, slot) would take at low precision or
+   skipped; a held-out part of the text for perplexity;
 3. fit: T1/T2 with the lowest expected load cost whose held-out perplexity stays within the
-   budget over all-high; prefetch depth from recall; the memory budget if none was given;
+   budget over all-high (candidates ranked by their estimated error, a few confirmed by
+   layer-by-layer runs); prefetch depth from recall; the memory budget if none was given
+   (what this process may use, read before anything large is loaded: budget.py);
    cache policy, HOBBIT weights and high/low split by replaying a decode trace; then
    prefetch is kept only if decoding with it is measured faster than without;
 4. write hobbit-config.json and profile-report.md.
@@ -17,7 +21,7 @@ Steps (each reported):
 from __future__ import annotations
 
 import dataclasses
-import math
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -27,24 +31,13 @@ import torch
 from .. import validate
 from ..errors import HobbitError
 from ..runtime.budget import parse_memory
-from ..runtime.loader import (
-    ModelFiles,
-    build_model,
-    compute_dtype,
-    load_resident_experts,
-    tokenizer,
-)
+from ..runtime.generate import peak_rss_bytes
+from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
 from ..runtime.offload import RouterView
 from ..runtime.precision import PrecisionRule
 from ..runtime.store import ExpertStore
-from ..runtime.strategy import Strategy, build_backend
-from .calibrate import (
-    CalibrationExperts,
-    RoutingLog,
-    prediction_recall,
-    score_histogram,
-    sensitivity,
-)
+from ..runtime.strategy import Strategy, build_backend, default_memory
+from .calibrate import LayerExperts, Observer, Windows, perplexity, score_histogram, walk
 from .config import config_path, shard_digests, write_config
 from .fit import expected_cost, fit_cache, fit_prefetch_depth, fit_thresholds
 
@@ -83,11 +76,25 @@ def profile(
         p: files.dir / f"experts-{p}-{files.manifest['types'][p]}.gguf" for p in files.precisions
     }
 
+    # before anything large is loaded: what this process may use
+    plan = default_memory(files, dtype, None)
+    budget = plan.budget if memory is None else parse_memory(memory, plan.experts)
+    if budget <= 0:
+        raise HobbitError(
+            f"no memory is left for experts: {plan.describe()}; give --memory, free memory or "
+            "raise the process's memory limit"
+        )
+
     say("1/4 measuring the device")
-    device = profile_device(shard_paths, shapes, quick=quick)
+    device = profile_device(shard_paths, shapes, quick=quick, max_bytes=budget + plan.floor)
     bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
 
-    say("2/4 running the calibration text")
+    say("2/4 running the calibration text, one layer at a time")
+    text = (
+        Path(calibration or DEFAULT_TEXT)
+        .read_text(encoding="utf-8", errors="replace")
+        .replace("\r", "")
+    )
     ids = tokenizer(files).encode(text)[:max_tokens]
     if len(ids) < 64:
         raise HobbitError(
@@ -96,22 +103,17 @@ def profile(
     split = int(len(ids) * 0.6)
     calib, held_out = ids[:split], ids[split:]
     has_low = "low" in files.precisions
-    high = load_resident_experts(files, "high", dtype).experts
-    low = load_resident_experts(files, "low", dtype).experts if has_low else None
-    cal = CalibrationExperts(high, low)
-    model = build_model(files, cal, dtype, window + 1)
-    cal.log = RoutingLog()
-    for chunk in _windows(calib, window):
-        model.reset()
-        model.forward(torch.tensor(chunk))
-    log, cal.log = cal.log, None
+    model = build_model(files, None, dtype, window + 1)
+    store = ExpertStore(files, files.precisions, dtype)
+    windows = Windows.of(calib, held_out, window)
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
-    recall = prediction_recall(log, RouterView(routers, model.select), max_depth=3)
-    base_ppl = _ppl(model, held_out, window)
+    observer = Observer(windows.routed_tokens, RouterView(routers, model.select))
+    final = walk(model, windows, LayerExperts(store, None, observer), "routing, errors")
+    base_ppl = perplexity(model, windows, final)
+    recall = observer.recall()
 
     say("3/4 fitting thresholds, prefetch depth, budget and cache")
     kernels = device.get("kernels", {})
-    store = ExpertStore(files, files.precisions, dtype)
     # a miss costs its read, its conversion after the read (none from a slot pack), and
     # its compute
     cost = {
@@ -120,44 +122,42 @@ def profile(
         + kernels.get(q.qtype, {}).get("T1_s", 0.0)
         for p, q in store.p.items()
     }
-    store.close()
     fitted: dict = {"base_ppl": base_ppl, "prefetch_recall": recall, "load_cost_s": cost}
     t1 = t2 = 1.0
     if has_low:
-        fitted["sensitivity"] = sensitivity(cal, log)
+        fitted["sensitivity"] = observer.sensitivity
         low_pays = cost["low"] < cost["high"]
         fitted["low_pays"] = low_pays
-        weights = {layer: log.cat("weights", layer) for layer in log.weights}
         level_cost = {
             "high": cost["high"],
             "low": cost["low"] if low_pays else cost["high"],
             "skip": 0.0,
         }
+        scored = windows.scored()
 
         def evaluate(a: float, b: float) -> float:
-            cal.rule = PrecisionRule(a, b)
-            try:
-                return _ppl(model, held_out, window)
-            finally:
-                cal.rule = None
+            rule = LayerExperts(store, PrecisionRule(a, b))
+            return perplexity(model, scored, walk(model, scored, rule, f"T1={a} T2={b}"))
 
         # Half the budget is held back for what calibration cannot see: at run time a cached
         # low copy also serves later tokens that wanted high, and other text responds
         # differently (measured: +0.55% here became +1.9% on a held-out book).
         fit = fit_thresholds(
-            evaluate, expected_cost(weights, level_cost), base_ppl, ppl_budget * FIT_SHARE
+            evaluate,
+            expected_cost(observer.weights, level_cost),
+            lambda a, b: observer.proxy(PrecisionRule(a, b)),
+            base_ppl,
+            ppl_budget * FIT_SHARE,
         )
         t1, t2 = fit["t1"], fit["t2"]
         if not low_pays:
             t1 = t2  # a low copy costs more than it saves here: keep only the skip band
         fitted["thresholds"] = fit
-    fitted["score_histogram"] = score_histogram(log)
+    fitted["score_histogram"] = score_histogram(observer.weights)
     depth = fit_prefetch_depth(recall)
-    budget = _budget(files, memory, model)
-    fitted["memory_source"] = (
-        "given" if memory is not None else "half of available RAM, less dense and KV"
-    )
-    model = cal = high = low = None  # free the resident copies before the trace run
+    fitted["memory_source"] = "given" if memory is not None else plan.describe()
+    store.close()
+    model = observer = final = None  # free the calibration state before the trace run
 
     dynamic = has_low and (t1 < 1.0 or t2 < 1.0)
     rule = PrecisionRule(t1, t2) if dynamic else None
@@ -202,6 +202,15 @@ def profile(
     made_for = {"device": fingerprint(files.dir), "shards": shard_digests(files.dir)}
     path = Path(out) if out else config_path(files.dir)
     fitted["seconds"] = time.perf_counter() - t_start
+    fitted["memory"] = {
+        "available": plan.available.bytes,
+        "available_source": plan.available.source,
+        "dense": plan.dense,
+        "kv": plan.kv,
+        "budget": budget,
+        "floor": plan.floor,
+        "peak_rss": peak_rss_bytes(),
+    }
     write_config(path, runtime, made_for, fitted)
     say("4/4 writing the config and report")
     report = render_report(files, device, runtime, fitted, len(calib), len(held_out), ppl_budget)
@@ -213,52 +222,6 @@ def profile(
         "device": device,
         "fitted": fitted,
     }
-
-
-def _windows(ids: list[int], window: int):
-    for start in range(0, len(ids), window):
-        chunk = ids[start : start + window]
-        if len(chunk) > 1:
-            yield chunk
-
-
-def _ppl(model, ids: list[int], window: int) -> float:
-    nll, n = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start : start + window + 1]
-        if len(chunk) < 2:
-            break
-        model.reset()
-        logits = model.forward(torch.tensor(chunk[:-1]), all_logits=True)
-        nll += float(
-            torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum")
-        )
-        n += len(chunk) - 1
-    return math.exp(nll / n)
-
-
-def _budget(files: ModelFiles, memory, model) -> int:
-    from ..runtime.store import ExpertStore
-    from ..runtime.strategy import full_cache_bytes
-
-    store = ExpertStore(files, ["high"], compute_dtype(files, None))
-    total = full_cache_bytes(files, store.p["high"].slot_bytes)
-    store.close()
-    if memory is not None:
-        return validate.memory_budget(parse_memory(memory, total), memory, total)
-    available = _mem_available()
-    budget = int(available * 0.5) - model.dense_bytes - model.cache.nbytes
-    return max(min(budget, total), 0)
-
-
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # unknown: assume a small machine
 
 
 def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
@@ -303,6 +266,11 @@ def _decode(files, dtype, budget, s: Strategy, ids, trace: bool = False):
     seconds = time.perf_counter() - t0
     header, records = (backend.trace_header(), backend.trace) if trace else (None, None)
     backend.close()
+    # The backend's slot arenas (anonymous shared mmaps) live until its reference cycles are
+    # collected: free them now, or the next run's arenas come on top (under a memory limit,
+    # three decode runs in a row are then killed).
+    model.experts = backend = None
+    gc.collect()
     return seconds, header, records
 
 
@@ -345,8 +313,9 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
         th = fitted["thresholds"]
         lines.append(
             f"- thresholds: all-high held-out perplexity {fitted['base_ppl']:.3f}; budget +{ppl_budget:.0%}, "
-            f"half of it spent here = {th['limit']:.3f}; chose T1={th['t1']}, T2={th['t2']} (perplexity {th['ppl']:.3f}), the cheapest "
-            f"of {len(th['tried'])} evaluated candidates that met it"
+            f"half of it spent here = {th['limit']:.3f}; chose T1={th['t1']}, T2={th['t2']} (perplexity {th['ppl']:.3f}): "
+            f"of {th['candidates']} candidates, {th['front']} are cheapest for their estimated error, "
+            f"bisected with {len(th['tried'])} end-to-end runs"
         )
         if not fitted.get("low_pays", True):
             lines.append(
@@ -378,5 +347,14 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
     )
     if c.get("cliff"):
         lines.append(f"- {c['cliff']}")
+    m, mib = fitted["memory"], 1 << 20
+    lines.append(
+        f"- peak memory of this profile: {m['peak_rss'] / mib:,.0f} MiB resident (the process's "
+        f"peak RSS, interpreter and torch included; experts were held one at a time per "
+        f"precision, never all); `hobbit run` with this config: dense {m['dense'] / mib:,.0f} "
+        f"+ KV {m['kv'] / mib:,.0f} + expert budget {m['budget'] / mib:,.0f} + runtime floor "
+        f"{m['floor'] / mib:,.0f} MiB = {(m['dense'] + m['kv'] + m['budget'] + m['floor']) / mib:,.0f}"
+        f" MiB beyond the interpreter"
+    )
     lines.append(f"- profiled in {fitted['seconds']:.0f} s")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,15 @@ from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import ModelFiles, build_model, compute_dtype, tokenizer
 from .policies import CLIFF_POLICY
-from .strategy import STRATEGIES, Strategy, build_backend, full_cache_bytes, strategy
+from .strategy import (
+    STRATEGIES,
+    Strategy,
+    build_backend,
+    default_memory,
+    default_policy,
+    full_cache_bytes,
+    strategy,
+)
 
 __all__ = ["Chunk", "Generation", "Runtime", "SamplingParams", "STRATEGIES", "Strategy", "load"]
 
@@ -38,9 +46,11 @@ def load(
 
     precision: which expert shard serves when dynamic precision is off ("high" or "low").
     memory: expert cache budget: bytes, "1.5GiB", or a share ("30%") of what all experts
-        take in memory at high precision. Given, experts are offloaded: read on demand.
-    policy: "resident" (all experts loaded up front; the default without `memory`), "lru"
-        (the default with it), "lfu", "ondemand" (no cache), "lru+prefetch", or "hobbit"
+        take in memory at high precision. Given, experts are offloaded: read on demand. By
+        default, what this process may use (the smaller of MemAvailable and its cgroup's
+        limit) less dense, KV and a floor (budget.py); `info["memory_source"]` says so.
+    policy: "resident" (all experts loaded up front; the default when no budget is given
+        and they fit in the default one), "lru" (the default otherwise), "lfu", "ondemand" (no cache), "lru+prefetch", or "hobbit"
         (dynamic precision + adaptive prefetch + multidimensional cache). Switches override
         one part of it: dynamic_precision, prefetch_depth (0 = off), cache_policy
         ("lru", "lfu", "hobbit", "lcu").
@@ -87,6 +97,13 @@ def load(
                 },
             )
             memory = memory if memory is not None else tuned["runtime"]["memory"]
+    auto = None
+    if memory is None and _caches(policy):
+        auto = default_memory(files, dt, max_context, packs)
+        chosen = default_policy(auto)  # refuses when not even the dense part fits
+        policy = policy or chosen
+        if policy != "resident":
+            memory = auto.budget
     if not isinstance(policy, Strategy):
         policy = strategy(
             policy or ("lru" if memory is not None else "resident"),
@@ -150,6 +167,9 @@ def load(
             else backend.arena.slot_bytes,
         ),
         "config": tuned["path"] if tuned else None,
+        # set when no budget was given: how the default one was found
+        "memory_source": auto.describe() if auto else None,
+        "memory_available": auto.available.bytes if auto else None,
         # per quantized expert precision in use: whether loads read a slot pack (no
         # conversion after the read)
         "packed": _packed(backend),
@@ -164,6 +184,12 @@ def _staging_bytes(backend, io_threads: int) -> int:
         return 0
     torch_loads = [p.staging_bytes for p in store.p.values() if p.kernel == "torch" and not p.pack]
     return io_threads * max(torch_loads, default=0)
+
+
+def _caches(policy: str | Strategy | None) -> bool:
+    """Whether `policy` (None: the default) needs an expert budget or may load them all."""
+    cache = policy.cache if isinstance(policy, Strategy) else policy
+    return cache not in ("resident", "ondemand")
 
 
 def _packed(backend) -> dict[str, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +208,28 @@ def load_resident_experts(
 def build_model(
     files: ModelFiles, backend, dtype: torch.dtype, max_context: int | None
 ) -> Transformer:
+    validate.max_context(max_context, files.config.max_context, _context_source(files))
+    ctx = context_length(files, max_context)
+    return Transformer(files.config, load_dense(files, dtype), backend, dtype, ctx)
+
+
+def context_length(files: ModelFiles, max_context: int | None) -> int:
+    """The KV cache length a model is built with: as asked, at most the model's."""
+    return min(max_context or DEFAULT_CONTEXT, files.config.max_context)
+
+
+def dense_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
+    """What `load_dense` will hold, from the shard's tensor table (nothing is read)."""
+    return sum(
+        math.prod(t.shape) * dtype.itemsize if t.qtype in FLOAT_TYPES else t.nbytes
+        for t in files.dense.tensors.values()
+    )
+
+
+def kv_bytes(files: ModelFiles, context: int, dtype: torch.dtype) -> int:
+    """What the model's KV cache of `context` tokens will hold (as KVCache.nbytes)."""
     cfg = files.config
-    validate.max_context(max_context, cfg.max_context, _context_source(files))
-    ctx = min(max_context or DEFAULT_CONTEXT, cfg.max_context)
-    return Transformer(cfg, load_dense(files, dtype), backend, dtype, ctx)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
 
 
 def _context_source(files: ModelFiles) -> str:

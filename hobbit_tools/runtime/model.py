@@ -125,17 +125,30 @@ class Transformer:
                 f"sequence of {start + T} tokens exceeds the context of {self.cache.max_len}; "
                 "shorten the prompt or load with a larger max_context"
             )
-        self.cache.reserve(start + T)
         cos, sin = self.rope(start, T)
         h = _embed(self.w.embed, tokens).to(self.dtype)  # [T, D]
-        for i, lw in enumerate(self.w.layers):
-            h = h + self._attention(i, lw, self._norm(h, lw.attn_norm), start, cos, sin)
-            h = h + self._ffn(i, lw, self._norm(h, lw.ffn_norm))
+        for i in range(len(self.w.layers)):
+            h = self.ffn_step(i, self.attention_step(i, h, start, cos, sin))
         self.cache.length = start + T
-        if not all_logits:
-            h = h[-1:]
-        logits = _linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
+        logits = self.logits(h if all_logits else h[-1:])
         return logits if all_logits else logits[0]
+
+    def attention_step(self, i: int, h: torch.Tensor, start: int, cos, sin) -> torch.Tensor:
+        """Layer i's attention on the residual h [T, D] at positions start.. (cos, sin from
+        `rope(start, T)`): the residual after it. Writes the layer's KV cache."""
+        lw = self.w.layers[i]
+        self.cache.reserve(start + h.shape[0])
+        return h + self._attention(i, lw, self._norm(h, lw.attn_norm), start, cos, sin)
+
+    def ffn_step(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's FFN (routed experts through the backend) on h [T, D]: the residual
+        after it. Tokens are independent here, so any rows may be stacked."""
+        lw = self.w.layers[i]
+        return h + self._ffn(i, lw, self._norm(h, lw.ffn_norm))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head on the residual h [T, D] -> float32 logits [T, V]."""
+        return _linear(self._norm(h, self.w.norm), self.w.output, self.w.output_bias).float()
 
     @property
     def dense_bytes(self) -> int:

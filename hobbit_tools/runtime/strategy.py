@@ -14,8 +14,8 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
-from .budget import parse_memory
-from .loader import ModelFiles, load_resident_experts
+from .budget import Available, DefaultBudget, default_budget, parse_memory
+from .loader import ModelFiles, context_length, dense_bytes, kv_bytes, load_resident_experts
 from .offload import OffloadedExperts, OffloadOptions, RouterView
 from .policies import cliff, make_policy
 from .precision import PrecisionRule
@@ -146,3 +146,32 @@ def full_cache_bytes(files: ModelFiles, high_slot_bytes: int) -> int:
     percentage budget ("30%" = room for 30% of the experts at high precision)."""
     cfg = files.config
     return sum(cfg.moe_layers) * cfg.num_experts * high_slot_bytes
+
+
+def default_memory(
+    files: ModelFiles,
+    dtype: torch.dtype,
+    max_context: int | None,
+    packs: bool = True,
+    available: Available | None = None,
+) -> DefaultBudget:
+    """The expert budget when none is given, from what this process may use (budget.py),
+    computed before the dense weights or any expert is loaded."""
+    store = ExpertStore(files, ["high"], dtype, packs=packs)
+    experts = full_cache_bytes(files, store.p["high"].slot_bytes)
+    store.close()
+    ctx = context_length(files, max_context)
+    return default_budget(
+        experts, dense_bytes(files, dtype), kv_bytes(files, ctx, dtype), available
+    )
+
+
+def default_policy(auto: DefaultBudget) -> str:
+    """Without a profile or a budget: every expert loaded when they fit, else offloaded
+    (lru: no thresholds are fitted without a profile)."""
+    if auto.budget <= 0:
+        raise HobbitError(
+            f"this model does not fit here: {auto.describe()}; free memory or raise the "
+            "process's memory limit"
+        )
+    return "resident" if auto.fits else "lru"
