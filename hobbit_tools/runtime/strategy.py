@@ -102,7 +102,10 @@ def build_backend(
             store.close()
             raise
     if s.dynamic_precision:
-        budgets = {"low": int(budget * s.low_share)}
+        # the low share, moved as far as needed for each cache to hold one layer's top-k
+        need_low, need_high = cfg.top_k * slot["low"], cfg.top_k * slot["high"]
+        low = max(int(budget * s.low_share), need_low)
+        budgets = {"low": min(low, max(budget - need_high, need_low))}
         budgets["high"] = budget - budgets["low"]
     else:
         budgets = {precision: budget}
