@@ -132,6 +132,8 @@ def load(
         below_cliff=below_cliff,
     )
     model.experts = backend
+    cache_bytes = backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0))
+    dense_bytes = model.dense_bytes
     info = {
         "model_dir": str(files.dir),
         "family": files.config.family,
@@ -148,15 +150,15 @@ def load(
         ),
         "dtype": str(dt).removeprefix("torch."),
         "context": model.cache.max_len,
-        "cache_bytes": backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0)),
-        "dense_bytes": model.dense_bytes,
+        "cache_bytes": cache_bytes,
+        "dense_bytes": dense_bytes,
         "kv_bytes": model.cache.nbytes,
         # what the process holds, by part (KV as allocated now: it grows with the context)
         "memory": {
             "runtime": floor,
-            "dense": model.dense_bytes,
+            "dense": dense_bytes,
             "kv": model.cache.nbytes,
-            "expert_cache": backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0)),
+            "expert_cache": cache_bytes,
             "staging": _staging_bytes(backend, io_threads),
         },
         "expert_shard_bytes": files.manifest["expert_shard_bytes"]["high"],

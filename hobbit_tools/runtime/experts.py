@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import ggml
+
 Linear = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> [T, out]
 
 
@@ -53,8 +55,6 @@ class GGUFExpert:
         self.dtype = torch.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from . import ggml
-
         if x.shape[0] != 1:
             return ggml.ffn(x, *self.mats).to(x.dtype)
         key = self.slot.ctypes.data
