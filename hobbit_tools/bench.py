@@ -38,6 +38,7 @@ def bench(
     ppl_text: str | None = None,
     ppl_tokens: int = 512,
     repeat: int = 1,
+    baseline: str | None = None,
     progress=None,
 ) -> dict:
     validate.bounded("--repeat", repeat, 1, integer=True)
@@ -91,8 +92,19 @@ def bench(
     bound = max(
         (r["bound_tokens_per_s"] for r in offloaded if r["bound_tokens_per_s"]), default=None
     )
+    llama = None
+    if baseline == "llama.cpp":  # the same split, prompts and tokens; a child process
+        from .llamacpp import measure
+        from .runtime import ggml
+
+        if progress:
+            progress("llama.cpp on the same split")
+        llama = measure(model_dir, prompts, max_new_tokens, threads=ggml.threads(), precision=precision)
+        for r in runs:
+            r["vs_llamacpp"] = r["decode_tokens_per_s"] / llama["decode_tokens_per_s"]
     return {
         "model_dir": str(model_dir),
+        "llama.cpp": llama,
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
         "repeat": repeat,
@@ -250,6 +262,13 @@ def format_table(result: dict) -> str:
         )
     gbps = result.get("direct_read_gbps")
     lines.append("")
+    if result.get("llama.cpp"):
+        ll = result["llama.cpp"]
+        vs = ", ".join(f"{r['policy']}@{r['memory']} {r['vs_llamacpp']:.2f}x" for r in result["runs"])
+        lines.append(
+            f"llama.cpp on the same split ({ll['threads']} thread(s), mmap): decode "
+            f"{ll['decode_tokens_per_s']:.2f} tok/s; hobbit / llama.cpp: {vs}"
+        )
     if result.get("repeat", 1) > 1:
         lines.append(
             f"tok/s: median of {result['repeat']} interleaved repeats; vs lru: median of the "

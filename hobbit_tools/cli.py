@@ -259,7 +259,10 @@ def run(
     elif prompt is None:
         raise click.UsageError("give a prompt with -p/--prompt")
 
-    rt = _load(model_dir, quiet=as_json, **runtime)
+    # a prompt has at most one token per byte (byte-level BPE, or byte fallback), plus the
+    # template's few: the KV cache and the default budget are sized to this run
+    tokens = len(prompt.encode("utf-8", "surrogatepass")) + max_tokens + 8
+    rt = _load(model_dir, quiet=as_json, tokens=tokens, **runtime)
     if trace_file:
         rt.start_trace()
     params = dict(
@@ -339,6 +342,17 @@ def _memory_parts(parts: dict, kv_now: int) -> str:
     "the median of the paired ratios to lru (for shared, noisy machines).",
 )
 @click.option(
+    "--baseline",
+    type=click.Choice(["llama.cpp"]),
+    help="Also run llama.cpp (llama-cpp-python, if installed) on the same split, prompts "
+    "and tokens, and give every run's ratio to it.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    help="Compute threads for hobbit's kernels (and the baseline's); default 1.",
+)
+@click.option(
     "--plot",
     type=click.Path(path_type=str),
     help="Write a PNG of tokens/s against budget per policy.",
@@ -347,7 +361,18 @@ def _memory_parts(parts: dict, kv_now: int) -> str:
     "--json", "as_json", is_flag=True, help='Print {"runs": [...], "bound_tokens_per_s": ...}.'
 )
 def bench(
-    model_dir, memory, policies, max_tokens, precision, ppl_text, ppl_tokens, repeat, plot, as_json
+    model_dir,
+    memory,
+    policies,
+    max_tokens,
+    precision,
+    ppl_text,
+    ppl_tokens,
+    repeat,
+    baseline,
+    threads,
+    plot,
+    as_json,
 ) -> None:
     """Run policies side by side on the same prompts, one after another in one process:
     decode tokens/s, bytes read per token, hit rate, high/low/skip shares, each run's ratio
@@ -360,6 +385,18 @@ def bench(
         from . import demo
 
         model_dir = str(demo.prepared_demo(progress=_tty()))
+    if baseline == "llama.cpp":
+        from .llamacpp import INSTALL, installed
+
+        if not installed():
+            raise click.ClickException(INSTALL)
+    if threads:
+        import torch
+
+        from .runtime import ggml
+
+        ggml.set_threads(threads)
+        torch.set_num_threads(threads)
     result = run_bench(
         model_dir,
         [m.strip() for m in memory.split(",")],
@@ -369,6 +406,7 @@ def bench(
         ppl_text=ppl_text,
         ppl_tokens=ppl_tokens,
         repeat=repeat,
+        baseline=baseline,
         progress=None if as_json else lambda what: click.echo(f"  running {what}", err=True),
     )
     if plot:

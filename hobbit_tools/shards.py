@@ -110,6 +110,9 @@ class TensorInfo:
     nbytes: int
 
 
+LLAMACPP_TOKENIZER = "tokenizer.ggml."
+
+
 class ShardReader:
     """Reads metadata and tensor locations of a GGUF shard; tensor bytes via memmap."""
 
@@ -134,6 +137,12 @@ class ShardReader:
                 int(t.data_offset),
                 int(t.n_bytes),
             )
+        # llama.cpp's view of the tokenizer (a numpy object per token and merge: ~50 MB of
+        # Python objects for a 32k vocab) is written for llama.cpp; hobbit reads the
+        # tokenizer.json key instead, so these are let go
+        for key in [k for k in self._r.fields if k.startswith(LLAMACPP_TOKENIZER)]:
+            del self._r.fields[key]
+        self._r.tensors = []
 
     def meta(self, key: str, default=None):
         field = self._r.get_field(key)
@@ -143,6 +152,20 @@ class ShardReader:
         """The raw bytes of tensor `name` (a read-only memmap view)."""
         info = self.tensors[name]
         return self._r.data[info.offset : info.offset + info.nbytes]
+
+    def release(self, name: str) -> None:
+        """Drop this process's mapped pages of tensor `name` (its bytes stay in the page
+        cache, reclaimable): after a copy was taken or a checksum computed, so the mapping
+        does not hold a second copy of the weights in the process's memory."""
+        import mmap
+
+        info = self.tensors[name]
+        mm = getattr(self._r.data, "_mmap", None)
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        end = (info.offset + info.nbytes) // page * page
+        if mm is not None and end > start and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def crc32(self, name: str = HEADER) -> int:
         """crc32 of tensor `name`'s bytes, or of the header (metadata, tokenizer, tensor

@@ -71,17 +71,27 @@ class ShardedSafetensors:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def byte_tokenizer() -> dict:
-    """A byte-level BPE with no merges: every byte is a token, plus <s> and </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def bpe_tokenizer(vocab_size: int) -> dict:
+    """A byte-level BPE trained on the packaged calibration text (Wizard of Oz), at most
+    `vocab_size` tokens (2048 at most), with <s> and </s>: real merges, so that llama.cpp
+    loads a synth model's split and the two can be raced on the same bytes."""
+    from importlib.resources import files
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(len(alphabet) + 2, min(vocab_size, 2048)),
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    text = (files("hobbit_tools.profile") / "calibration.txt").read_text(encoding="utf-8")
+    tok.train_from_iterator(text.splitlines(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok.add_special_tokens(["<s>", "</s>"])
     return json.loads(tok.to_str())
 
 
@@ -154,7 +164,7 @@ def make_random_checkpoint(
         writer.close()
         bar.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
+        (tmp / "tokenizer.json").write_text(json.dumps(bpe_tokenizer(s.vocab)))
         (tmp / "tokenizer_config.json").write_text(
             json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
         )

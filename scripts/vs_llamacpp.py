@@ -1,70 +1,170 @@
-"""hobbit and llama.cpp side by side on the same prepared model dir, in one process.
+"""hobbit and llama.cpp on the same prepared model dir, at equal total memory, in one command.
 
-llama.cpp (llama-cpp-python, a measurement tool, never a dependency of hobbit) loads the
-dense + high split that `hobbit prepare` writes (MODEL_DIR/llamacpp/high-00001-of-00002.gguf);
-hobbit runs the same shards. Decode tokens/s of greedy generation from the same prompt,
-interleaved rounds, medians, and the ratio:
+llama.cpp (llama-cpp-python: a measurement tool, never a dependency of hobbit) maps the
+dense + high split that `hobbit prepare` writes (MODEL_DIR/llamacpp/high-00001-of-00002.gguf)
+as it always does; hobbit runs the same shards. Each run is a fresh process; under a limit
+each runs in a cgroup-v1 memory cgroup of its own with `memory.limit_in_bytes` = the limit
+(the page cache it causes is charged to it too), after the page cache is dropped, so both
+start cold. Rounds interleave hobbit and llama.cpp; the table shows medians and the ratio.
 
-    python scripts/vs_llamacpp.py MODEL_DIR [-n 64] [--rounds 3] [--threads 2] [--memory 25%]
+    python scripts/vs_llamacpp.py MODEL_DIR [--limits none,450MiB,380MiB] [-n 64]
+        [--rounds 3] [--threads 1] [--profile] [--hobbit "--policy lru"]
 
-Build llama-cpp-python from its sdist (about 20 minutes on 2 cores):
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python
+--profile runs `hobbit profile` inside each limit first (its tuned config is written to a
+file per limit and used by that limit's hobbit runs): what a user does on that machine.
+Without a limit and without --profile hobbit runs its default (resident where the experts
+fit). Needs root for the cgroups and for dropping the page cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import statistics
+import subprocess
 import sys
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hobbit_tools.llamacpp import measure  # noqa: E402
+from hobbit_tools.runtime.budget import parse_memory  # noqa: E402
+
 PROMPT = "It was a dark and stormy night, and the wind"
+CGROUPS = Path("/sys/fs/cgroup/memory")
 
 
-def llama_decode(model, n: int) -> float:
-    toks = model.tokenize(PROMPT.encode())
-    model.reset()
-    model.eval(toks)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = model.sample(temp=0.0)
-        model.eval([tok])
-    return n / (time.perf_counter() - t0)
+class Limit:
+    """A fresh memory cgroup per run: a shell prefix that joins it, and its peak after."""
+
+    def __init__(self, spec: str, tag: str):
+        self.spec = spec
+        self.bytes = None if spec == "none" else parse_memory(spec, 0)
+        self.dir = CGROUPS / f"hobbit-vs-{os.getpid()}-{tag}"
+
+    def __enter__(self):
+        if self.bytes is None:
+            return self
+        if not CGROUPS.is_dir():
+            sys.exit(f"no cgroup-v1 memory controller at {CGROUPS}: cannot impose {self.spec}")
+        self.dir.mkdir()
+        (self.dir / "memory.limit_in_bytes").write_text(str(self.bytes))
+        return self
+
+    def prefix(self) -> list[str]:
+        if self.bytes is None:
+            return []
+        return ["sh", "-c", f'echo $$ > {self.dir}/cgroup.procs && exec "$@"', "sh"]
+
+    def peak(self) -> int | None:
+        if self.bytes is None:
+            return None
+        return int((self.dir / "memory.max_usage_in_bytes").read_text())
+
+    def __exit__(self, *exc):
+        if self.bytes is not None:
+            self.dir.rmdir()
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass  # not root: runs start warm, both alike
+
+
+def run_hobbit(model_dir, limit: Limit, args, config: str | None) -> dict:
+    cmd = [sys.executable, "-m", "hobbit_tools", "run", model_dir, "-p", PROMPT,
+           "-n", str(args.n), "--threads", str(args.threads), "--json"]  # fmt: skip
+    cmd += ["--config", config] if config else []
+    cmd += shlex.split(args.hobbit)
+    done = subprocess.run(limit.prefix() + cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    s = json.loads(done.stdout)["stats"]
+    return {
+        "decode_tokens_per_s": s["decode_tokens_per_s"],
+        "prefill_tokens_per_s": s["prefill_tokens_per_s"],
+        "hit_rate": s.get("hit_rate"),
+        "read_per_token": s.get("bytes_read", 0) / max(s.get("new_tokens", 1), 1),
+        "policy": s["load"]["policy"],
+        "cache": s["load"]["cache_bytes"],
+        "share": s.get("share"),
+    }
+
+
+def run_llama(model_dir, limit: Limit, args) -> dict:
+    try:
+        return measure(model_dir, [PROMPT], args.n, args.threads, prefix=limit.prefix())
+    except Exception as e:  # noqa: BLE001 - a crash or OOM kill is a result here
+        return {"error": [str(e)]}
+
+
+def profile_in(model_dir, spec: str, args) -> str:
+    out = f"/tmp/hobbit-vs-config-{spec}.json"
+    with Limit(spec, "profile") as limit:
+        cmd = [sys.executable, "-m", "hobbit_tools", "profile", model_dir, "-o", out]
+        cmd += shlex.split(args.profile_args)
+        done = subprocess.run(limit.prefix() + cmd, capture_output=True, text=True)
+        peak = limit.peak()
+    if done.returncode != 0:
+        sys.exit(f"hobbit profile under {spec} failed: {(done.stderr or done.stdout)[-400:]}")
+    print(f"  profiled under {spec} (peak {peak and peak >> 20} MiB) -> {out}", flush=True)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
+    ap.add_argument("--limits", default="none", help="Total-memory limits, comma-separated.")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--memory", help="hobbit's expert budget (default: resident)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="hobbit profile inside each limit first.")
+    ap.add_argument("--profile-args", default="", help="Extra `hobbit profile` arguments.")
+    ap.add_argument("--hobbit", default="", help="Extra `hobbit run` arguments.")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    try:
-        import llama_cpp
-    except ImportError:
-        sys.exit("llama_cpp does not import: build llama-cpp-python (see this script's doc)")
-    import torch
-
-    import hobbit_tools
-    from hobbit_tools.runtime import ggml
-
-    torch.set_num_threads(args.threads)
-    ggml.set_threads(args.threads)
-    split = Path(args.model_dir) / "llamacpp" / "high-00001-of-00002.gguf"
-    lm = llama_cpp.Llama(str(split), n_ctx=512, n_threads=args.threads, verbose=False)
-    rt = hobbit_tools.load(args.model_dir, memory=args.memory, config=False)
-    ours, theirs = [], []
-    for r in range(args.rounds):
-        g = rt.generate(PROMPT, max_new_tokens=args.n, stop_at_eos=False)
-        ours.append(g.stats["decode_tokens_per_s"])
-        theirs.append(llama_decode(lm, args.n))
-        print(f"round {r + 1}: hobbit {ours[-1]:.2f} tok/s, llama.cpp {theirs[-1]:.2f} tok/s")
-    h, l_ = statistics.median(ours), statistics.median(theirs)
-    info = rt.info
-    what = f"hobbit {info['policy']} ({info['expert_type']}, cache {info['cache_bytes'] >> 20} MiB)"
-    print(f"median decode: {what} {h:.2f} tok/s, llama.cpp {l_:.2f} tok/s: {h / l_:.2f}x")
+    rows = []
+    for spec in args.limits.split(","):
+        config = profile_in(args.model_dir, spec, args) if args.profile else None
+        ours, theirs = [], []
+        for r in range(args.rounds):
+            for who, runs in (("hobbit", ours), ("llama.cpp", theirs)):
+                drop_page_cache()
+                with Limit(spec, f"{who}-{r}") as limit:
+                    if who == "hobbit":
+                        res = run_hobbit(args.model_dir, limit, args, config)
+                    else:
+                        res = run_llama(args.model_dir, limit, args)
+                    res["peak_bytes"] = limit.peak()
+                runs.append(res)
+                brief = res.get("error") or f"{res['decode_tokens_per_s']:.2f} tok/s"
+                print(f"  {spec} round {r + 1}: {who} {brief}", flush=True)
+        rows.append({"limit": spec, "hobbit": ours, "llama.cpp": theirs})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | hobbit run")
+    for row in rows:
+        med = {}
+        for who in ("hobbit", "llama.cpp"):
+            ok = [x["decode_tokens_per_s"] for x in row[who] if "decode_tokens_per_s" in x]
+            med[who] = statistics.median(ok) if ok else None
+        h, l_ = med["hobbit"], med["llama.cpp"]
+        ratio = f"{h / l_:.2f}x" if h and l_ else "-"
+        last = next((x for x in reversed(row["hobbit"]) if "policy" in x), {})
+        what = (
+            f"{last['policy']}, cache {last['cache'] >> 20} MiB, hits {last['hit_rate'] or 0:.0%}, "
+            f"read {last['read_per_token'] / 2**20:.0f} MiB/token"
+            if last
+            else (row["hobbit"][-1].get("error") or ["?"])[-1]
+        )
+        fmt = lambda v: f"{v:.2f} tok/s" if v else "failed"  # noqa: E731
+        print(f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {what}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def walk(model, windows: Windows, backend: LayerExperts, label: str = "") -> lis
     per window. Attention runs per window (each from position 0, its own KV), the FFN on
     all windows' tokens stacked."""
     model.experts = backend
-    hs = [model.w.embed[torch.tensor(w)].to(model.dtype) for w in windows.inputs]
+    hs = [model.embed(torch.tensor(w)) for w in windows.inputs]
     sizes = [len(w) for w in windows.inputs]
     bar = tqdm(
         range(len(model.w.layers)), desc=label, unit="layer", disable=not sys.stderr.isatty()

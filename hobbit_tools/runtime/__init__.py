@@ -10,7 +10,14 @@ import torch
 from .. import validate
 from ..errors import HobbitError
 from .generate import Chunk, Generation, Runtime, SamplingParams
-from .loader import ModelFiles, build_model, compute_dtype, tokenizer
+from .loader import (
+    ModelFiles,
+    build_model,
+    compute_dtype,
+    context_length,
+    context_source,
+    tokenizer,
+)
 from .policies import CLIFF_POLICY
 from .strategy import (
     STRATEGIES,
@@ -36,6 +43,7 @@ def load(
     cache_policy: str | None = None,
     dtype: str | torch.dtype | None = None,
     max_context: int | None = None,
+    tokens: int | None = None,
     io_threads: int = 2,
     config: str | Path | bool | None = None,
     packs: bool = True,
@@ -55,7 +63,9 @@ def load(
         one part of it: dynamic_precision, prefetch_depth (0 = off), cache_policy
         ("lru", "lfu", "hobbit", "lcu").
     dtype: compute dtype (default: the dense shard's). max_context: KV cache length
-    (default: the model's, at most 4096).
+    (default: the model's, at most 4096). tokens: what this run will hold at most (prompt
+    and new tokens; `hobbit run` knows): the KV cache and the default budget's share for it
+    are sized to that, not to max_context.
     config: the tuned config from `hobbit profile` (default: the one next to the shards, if
         any, used when no policy is given; False: none). It sets the strategy and, unless
         `memory` is given, the budget.
@@ -76,6 +86,9 @@ def load(
     floor = rss_bytes()  # the interpreter, torch and hobbit, before the model
     files = ModelFiles(model_dir)
     dt = compute_dtype(files, dtype)
+    if tokens:
+        validate.max_context(max_context, files.config.max_context, context_source(files))
+        max_context = min(context_length(files, max_context), max(int(tokens), 1))
     # below one token's working set lru never hits: unless told, use a policy that does
     below_cliff = CLIFF_POLICY if policy is None and cache_policy is None else None
     tuned = None

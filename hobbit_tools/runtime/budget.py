@@ -27,7 +27,7 @@ _UNITS = {
 # Beyond the dense weights, KV and the expert cache, what a running model allocates: prefill
 # activations and routing buffers, staging buffers for direct reads, allocator slack. The
 # interpreter and torch themselves are already counted in the usage read at start.
-RUNTIME_FLOOR = 128 << 20
+RUNTIME_FLOOR = 48 << 20
 UNKNOWN_AVAILABLE = 4 << 30  # neither /proc/meminfo nor a cgroup says: assume a small machine
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63-1
 

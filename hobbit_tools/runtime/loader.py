@@ -66,6 +66,7 @@ class ModelFiles:
         raw = self.dense.array(name)
         if info.qtype in FLOAT_TYPES:
             t = raw_to_tensor(raw, info.qtype, info.shape).to(dtype)
+            self.dense.release(name)
             return t if rows is None else t[rows]
         from . import ggml
 
@@ -76,7 +77,15 @@ class ModelFiles:
                 "--dense F32"
             )
         b = torch.from_numpy(np.array(raw)).view(info.shape[0], -1)  # a copy, not the memmap
+        self.dense.release(name)
         return ggml.Linear(b if rows is None else b[rows].contiguous(), info.qtype, info.shape)
+
+    def mapped_rows(self, name: str, dtype: torch.dtype) -> MappedRows:
+        """A lookup table (the token embedding) left in the shard's mapping, checked first."""
+        info = self.dense.tensors[name]
+        self._verify_dense(name)
+        self.dense.release(name)
+        return MappedRows(self.dense.array(name), info.qtype, info.shape, dtype)
 
     def _verify_dense(self, name: str) -> None:
         want = self._dense_crc.get(name)
@@ -87,6 +96,27 @@ class ModelFiles:
                 f"re-run `hobbit prepare SRC -o {self.dir} --force` (check with "
                 f"`hobbit prepare {self.dir} --check`)"
             )
+
+
+class MappedRows:
+    """A row-lookup table (the token embedding) that stays in the shard's read-only mapping:
+    a lookup copies out only the rows it needs, so the table holds no memory of its own
+    beyond the page cache of rows in use (llama.cpp maps it the same way). Rows come out in
+    `dtype`; quantized ones are dequantized by gguf's formulas."""
+
+    def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self.raw = raw.reshape(int(shape[0]), -1)  # [rows, bytes per row], a memmap view
+        self.qtype, self.shape, self.dtype = qtype, (int(shape[0]), int(shape[1])), dtype
+        self.nbytes = 0  # resident bytes: none
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        picked = np.ascontiguousarray(self.raw[ids.reshape(-1).numpy()])
+        shape = (picked.shape[0], self.shape[1])
+        if self.qtype in FLOAT_TYPES:
+            return raw_to_tensor(picked.reshape(-1), self.qtype, shape).to(self.dtype)
+        from .kernels import dequantize_torch
+
+        return dequantize_torch(torch.from_numpy(picked), self.qtype, shape, self.dtype)
 
 
 def raw_to_tensor(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -154,8 +184,9 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
                 mla=_mla_weights(get, b) if cfg.mla else None,
             )
         )
-    embed = get("token_embd.weight")
     output = get("output.weight")
+    # an embedding used only for lookups stays mapped; tied to the output, it is a matmul
+    embed = get("token_embd.weight") if output is None else files.mapped_rows("token_embd.weight", dtype)
     return ModelWeights(
         embed=embed,
         norm=norm("output_norm"),
@@ -208,7 +239,7 @@ def load_resident_experts(
 def build_model(
     files: ModelFiles, backend, dtype: torch.dtype, max_context: int | None
 ) -> Transformer:
-    validate.max_context(max_context, files.config.max_context, _context_source(files))
+    validate.max_context(max_context, files.config.max_context, context_source(files))
     ctx = context_length(files, max_context)
     return Transformer(files.config, load_dense(files, dtype), backend, dtype, ctx)
 
@@ -219,10 +250,14 @@ def context_length(files: ModelFiles, max_context: int | None) -> int:
 
 
 def dense_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
-    """What `load_dense` will hold, from the shard's tensor table (nothing is read)."""
+    """What `load_dense` will hold, from the shard's tensor table (nothing is read): every
+    dense tensor but an untied embedding, which stays mapped (`MappedRows`)."""
+    names = files.dense.tensors
+    mapped = {"token_embd.weight"} if "output.weight" in names else set()
     return sum(
         math.prod(t.shape) * dtype.itemsize if t.qtype in FLOAT_TYPES else t.nbytes
-        for t in files.dense.tensors.values()
+        for n, t in names.items()
+        if n not in mapped
     )
 
 
@@ -232,7 +267,7 @@ def kv_bytes(files: ModelFiles, context: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
 
 
-def _context_source(files: ModelFiles) -> str:
+def context_source(files: ModelFiles) -> str:
     src = json.loads(files.dense.meta(KEY_SOURCE_CONFIG))
     window = src.get("sliding_window") if src.get("use_sliding_window", True) else None
     if window and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT):

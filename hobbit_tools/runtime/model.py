@@ -126,12 +126,16 @@ class Transformer:
                 "shorten the prompt or load with a larger max_context"
             )
         cos, sin = self.rope(start, T)
-        h = _embed(self.w.embed, tokens).to(self.dtype)  # [T, D]
+        h = self.embed(tokens)  # [T, D]
         for i in range(len(self.w.layers)):
             h = self.ffn_step(i, self.attention_step(i, h, start, cos, sin))
         self.cache.length = start + T
         logits = self.logits(h if all_logits else h[-1:])
         return logits if all_logits else logits[0]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> their embeddings [T, D] in the compute dtype."""
+        return _embed(self.w.embed, tokens).to(self.dtype)
 
     def attention_step(self, i: int, h: torch.Tensor, start: int, cos, sin) -> torch.Tensor:
         """Layer i's attention on the residual h [T, D] at positions start.. (cos, sin from

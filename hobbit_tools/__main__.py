@@ -1,0 +1,5 @@
+"""`python -m hobbit_tools ...` is `hobbit ...`."""
+
+from .cli import main
+
+main(prog_name="hobbit")
