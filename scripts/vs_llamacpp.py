@@ -10,8 +10,9 @@ start cold. Rounds interleave hobbit and llama.cpp; the table shows medians and 
     python scripts/vs_llamacpp.py MODEL_DIR [--limits none,450MiB,380MiB] [-n 64]
         [--rounds 3] [--threads 1] [--profile] [--hobbit "--policy lru"]
 
---profile runs `hobbit profile` inside each limit first (its tuned config is written to a
-file per limit and used by that limit's hobbit runs): what a user does on that machine.
+--profile runs `hobbit profile` inside each limit first (its tuned config is written to
+MODEL_DIR/hobbit-config-LIMIT.json, reused by later runs unless --reprofile, and used by that
+limit's hobbit runs): what a user does on that machine.
 Without a limit and without --profile hobbit runs its default (resident where the experts
 fit). Needs root for the cgroups and for dropping the page cache.
 """
@@ -104,7 +105,10 @@ def run_llama(model_dir, limit: Limit, args) -> dict:
 
 
 def profile_in(model_dir, spec: str, args) -> str:
-    out = f"/tmp/hobbit-vs-config-{spec}.json"
+    out = Path(model_dir) / f"hobbit-config-{spec}.json"
+    if out.is_file() and not args.reprofile:
+        print(f"  reusing {out} (--reprofile to profile again)", flush=True)
+        return str(out)
     with Limit(spec, "profile") as limit:
         cmd = [sys.executable, "-m", "hobbit_tools", "profile", model_dir, "-o", out]
         cmd += shlex.split(args.profile_args)
@@ -113,7 +117,7 @@ def profile_in(model_dir, spec: str, args) -> str:
     if done.returncode != 0:
         sys.exit(f"hobbit profile under {spec} failed: {(done.stderr or done.stdout)[-400:]}")
     print(f"  profiled under {spec} (peak {peak and peak >> 20} MiB) -> {out}", flush=True)
-    return out
+    return str(out)
 
 
 def main() -> None:
@@ -124,6 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="hobbit profile inside each limit first.")
+    ap.add_argument("--reprofile", action="store_true", help="Profile even where a config exists.")
     ap.add_argument("--profile-args", default="", help="Extra `hobbit profile` arguments.")
     ap.add_argument("--hobbit", default="", help="Extra `hobbit run` arguments.")
     ap.add_argument("--json", action="store_true")

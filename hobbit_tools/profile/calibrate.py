@@ -27,6 +27,9 @@ from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights, un
 from ..runtime.store import ExpertStore, SlotArena
 
 
+LOGIT_ROWS = 32
+
+
 @dataclass
 class Windows:
     """Token windows scored from an empty cache: inputs, and the next tokens as targets
@@ -119,10 +122,16 @@ def perplexity(model, windows: Windows, hs: list[torch.Tensor]) -> float:
         for h, target in zip(hs, windows.targets, strict=True):
             if target is None:
                 continue
-            logits = model.logits(h)
-            nll += float(
-                torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum")
-            )
+            # a few rows at a time: a window's [T, vocab] float32 logits would be the
+            # largest allocation of the whole profile (512 x 32k: 64 MiB, twice over)
+            for start in range(0, len(target), LOGIT_ROWS):
+                rows = slice(start, start + LOGIT_ROWS)
+                logits = model.logits(h[rows])
+                nll += float(
+                    torch.nn.functional.cross_entropy(
+                        logits, torch.tensor(target[rows]), reduction="sum"
+                    )
+                )
             n += len(target)
     return math.exp(nll / n)
 

@@ -30,7 +30,7 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
-from ..runtime.budget import parse_memory
+from ..runtime.budget import parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
 from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
 from ..runtime.offload import RouterView
@@ -42,6 +42,9 @@ from .config import config_path, shard_digests, write_config
 from .fit import expected_cost, fit_cache, fit_prefetch_depth, fit_thresholds
 
 DEFAULT_TEXT = Path(__file__).with_name("calibration.txt")
+# the context a tuned budget leaves KV room for (`hobbit run` sizes its KV to the prompt and
+# -n; a longer run under the same limit takes its KV out of this budget: runtime/__init__.py)
+PLANNED_CONTEXT = 1024
 FIT_SHARE = 0.5  # of the perplexity budget the thresholds may spend on the calibration text
 PREFETCH_MIN_GAIN = 0.97  # prefetch is kept if it decodes in at most 97% of the time without
 REPORT_FILE = "profile-report.md"
@@ -77,7 +80,7 @@ def profile(
     }
 
     # before anything large is loaded: what this process may use
-    plan = default_memory(files, dtype, None)
+    plan = default_memory(files, dtype, PLANNED_CONTEXT)
     budget = plan.budget if memory is None else parse_memory(memory, plan.experts)
     if budget <= 0:
         raise HobbitError(
@@ -88,6 +91,7 @@ def profile(
     say("1/4 measuring the device")
     device = profile_device(shard_paths, shapes, quick=quick, max_bytes=budget + plan.floor)
     bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
+    trim()  # the probe's buffers
 
     say("2/4 running the calibration text, one layer at a time")
     text = (
@@ -158,6 +162,8 @@ def profile(
     fitted["memory_source"] = "given" if memory is not None else plan.describe()
     store.close()
     model = observer = final = None  # free the calibration state before the trace run
+    gc.collect()
+    trim()
 
     dynamic = has_low and (t1 < 1.0 or t2 < 1.0)
     rule = PrecisionRule(t1, t2) if dynamic else None

@@ -18,6 +18,7 @@ from .loader import (
     context_source,
     tokenizer,
 )
+from .budget import return_large_blocks
 from .policies import CLIFF_POLICY
 from .strategy import (
     STRATEGIES,
@@ -31,6 +32,8 @@ from .strategy import (
 
 __all__ = ["Chunk", "Generation", "Runtime", "SamplingParams", "STRATEGIES", "Strategy", "load"]
 
+
+return_large_blocks()
 
 def load(
     model_dir: str | Path,
@@ -109,7 +112,10 @@ def load(
                     if v is not None
                 },
             )
-            memory = memory if memory is not None else tuned["runtime"]["memory"]
+            if memory is None:  # the tuned budget, unless less memory is free now
+                now = default_memory(files, dt, max_context, packs)
+                default_policy(now)  # refuses when not even the dense part fits
+                memory = min(tuned["runtime"]["memory"], now.budget)
     auto = None
     if memory is None and _caches(policy):
         auto = default_memory(files, dt, max_context, packs)
