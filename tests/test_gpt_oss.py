@@ -1,0 +1,268 @@
+"""gpt-oss beyond the float parity of test_parity.py: the window really applied, MXFP4
+experts read from a checkpoint as released (quantized here with gguf's MXFP4 quantizer and
+read back by transformers itself as the reference), carried into GGUF MXFP4 byte for byte,
+offloading bit-identical to resident, llama.cpp's gpt-oss layout, the CLI."""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from test_parity import hf_greedy
+from tiny_models import make_checkpoint
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+import hobbit_tools
+from hobbit_tools.cli import main
+from hobbit_tools.families import ModelConfig
+from hobbit_tools.quantize import mxfp4, qtypes
+from hobbit_tools.quantize.convert import default_types
+from hobbit_tools.runtime.gptoss import clamped_swiglu
+
+PROMPT = "Now is the winter of our discontent made glorious summer"
+# Both MXFP4 block dims: hidden and expert ffn multiples of 32, hidden no power of two.
+MX_SHAPE = dict(hidden_size=96, intermediate_size=96)
+
+
+@pytest.fixture(scope="module")
+def floats(tmp_path_factory, tokenizer_dir):
+    """transformers' own save: float experts (gate_up_proj [E, D, 2F], down_proj)."""
+    d = tmp_path_factory.mktemp("gpt_oss")
+    ref = make_checkpoint("gpt_oss", d / "hf", tokenizer_dir)
+    hobbit_tools.prepare(d / "hf", d / "model", dense="F32", high="F32")
+    return d, ref
+
+
+def save_mxfp4(src, dest, tokenizer_dir) -> None:
+    """A float gpt-oss checkpoint rewritten as released: experts as MXFP4 `*_blocks` /
+    `*_scales` [E, out, in/32, ...] (gguf's quantizer, OpenAI's nibble order), the rest BF16,
+    and the quantization_config transformers reads them by."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.quantize_openai(v.transpose(1, 2).contiguous().numpy())
+            out[k + "_blocks"], out[k + "_scales"] = map(torch.from_numpy, (blocks, scales))
+        else:
+            out[k] = v.to(torch.bfloat16)
+    dest.mkdir()
+    save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+    }  # fmt: skip
+    (dest / "config.json").write_text(json.dumps(cfg))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dest / f.name)
+
+
+@pytest.fixture(scope="module")
+def mx(tmp_path_factory, tokenizer_dir):
+    """An MXFP4 checkpoint and transformers' model read from it (experts dequantized by
+    transformers, float32)."""
+    d = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    make_checkpoint("gpt_oss", d / "float", tokenizer_dir, **MX_SHAPE)
+    save_mxfp4(d / "float", d / "hf", tokenizer_dir)
+    ref = transformers.GptOssForCausalLM.from_pretrained(
+        d / "hf", quantization_config=transformers.Mxfp4Config(dequantize=True)
+    )
+    return d, ref.float().eval()
+
+
+def test_mxfp4_round_trip_against_gguf():
+    """gguf's bytes -> OpenAI's layout -> gguf's bytes is the identity, and OpenAI's layout
+    dequantizes (transformers' convert_moe_packed_tensors) to what gguf's dequantizer gives."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 96)).astype(np.float32) * 3
+    x[0, 0, :32] = 0  # an all-zero block (scale byte 0)
+    raw = qtypes.quantize(x, "MXFP4")
+    blocks, scales = mxfp4.gguf_to_openai(raw, 96)
+    assert blocks.shape == (3, 5, 3, 16) and scales.shape == (3, 5, 3)
+    assert np.array_equal(mxfp4.openai_to_gguf(blocks, scales), raw)
+    want = qtypes.dequantize(raw, "MXFP4", x.shape)
+    theirs = convert_moe_packed_tensors(
+        torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+    ).transpose(1, 2)  # transformers returns [E, in, out]
+    assert np.array_equal(theirs.numpy(), want)
+    assert np.array_equal(mxfp4.dequantize_openai(blocks, scales), want)
+    assert np.abs(want - x).max() <= np.abs(x).max() / 4  # it did quantize, coarsely
+
+
+def test_mxfp4_experts_are_carried_over_byte_for_byte(mx, tmp_path):
+    d, ref = mx
+    man = hobbit_tools.prepare(d / "hf", tmp_path / "m", pack=False)
+    assert man["types"] == {"dense": "BF16", "high": "MXFP4"}  # 96: no 256-row low type
+    shard = gguf.GGUFReader(tmp_path / "m" / "experts-high-MXFP4.gguf")
+    tensors = {t.name: t for t in shard.tensors}
+    from safetensors import safe_open
+
+    with safe_open(d / "hf" / "model.safetensors", "pt") as f:
+        for layer in range(3):
+            stem = f"model.layers.{layer}.mlp.experts."
+            gate_up = (f.get_tensor(stem + "gate_up_proj_blocks").numpy(),
+                       f.get_tensor(stem + "gate_up_proj_scales").numpy())  # fmt: skip
+            # transformers' experts as it computes them: x @ W, gate and up interleaved
+            w = getattr(ref.model.layers[layer].mlp.experts, "gate_up_proj").detach()
+            for role, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
+                t = tensors[f"blk.{layer}.ffn_{role}_exps.weight"]
+                assert t.tensor_type == gguf.GGMLQuantizationType.MXFP4
+                want = mxfp4.openai_to_gguf(gate_up[0][:, rows], gate_up[1][:, rows])
+                assert np.array_equal(np.asarray(t.data).reshape(want.shape), want)
+                got = qtypes.dequantize(np.asarray(t.data), "MXFP4", (6, 96, 96))
+                assert np.array_equal(got, w[..., rows].transpose(1, 2).float().numpy())
+            down = tensors[f"blk.{layer}.ffn_down_exps.weight"]
+            got = qtypes.dequantize(np.asarray(down.data), "MXFP4", (6, 96, 96))
+            want = ref.model.layers[layer].mlp.experts.down_proj.detach().transpose(1, 2)
+            assert np.array_equal(got, want.float().numpy())
+
+
+def test_mxfp4_default_low_copy_needs_256_wide_rows():
+    base = transformers.GptOssConfig(num_hidden_layers=2, num_local_experts=4).to_dict()
+    real = ModelConfig.from_hf(base)  # gpt-oss's own 2880: 90 blocks of 32, no K-quant
+    assert default_types("BF16", real, mxfp4_experts=True)["low"] is None
+    wide = ModelConfig.from_hf({**base, "hidden_size": 768, "intermediate_size": 512})
+    assert default_types("BF16", wide, mxfp4_experts=True) == {
+        "dense": "BF16", "high": "MXFP4", "low": "Q2_K"
+    }
+
+
+def test_mxfp4_checkpoint_matches_transformers_at_f32(mx, tmp_path):
+    """Read from MXFP4, written F32: the function transformers computes from the same file."""
+    d, ref = mx
+    hobbit_tools.prepare(d / "hf", tmp_path / "m", dense="F32", high="F32", pack=False)
+    rt = hobbit_tools.load(tmp_path / "m")
+    ids = rt.encode(PROMPT)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+    assert (rt.logits(ids) - want).abs().max().item() < 1e-3
+    g = rt.generate(ids, max_new_tokens=32, stop_at_eos=False)
+    assert g.token_ids == hf_greedy(ref, ids, 32)
+
+
+def test_window_is_really_applied(floats, tmp_path):
+    """The prompt outruns the window; the same model with a window longer than the prompt
+    (so no window at all) is far from transformers', the windowed one matches it."""
+    d, ref = floats
+    cfg = json.loads((d / "hf" / "config.json").read_text())
+    rt = hobbit_tools.load(d / "model")
+    ids = rt.encode(PROMPT)
+    assert len(ids) > 2 * cfg["sliding_window"]
+    assert "sliding_attention" in cfg["layer_types"] and "full_attention" in cfg["layer_types"]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+    assert (rt.logits(ids) - want).abs().max().item() < 1e-3
+    src = tmp_path / "hf"
+    shutil.copytree(d / "hf", src)
+    (src / "config.json").write_text(json.dumps({**cfg, "sliding_window": 4096}))
+    hobbit_tools.prepare(src, tmp_path / "m", dense="F32", high="F32", pack=False)
+    unwindowed = hobbit_tools.load(tmp_path / "m").logits(ids)
+    assert (unwindowed - want).abs().max().item() > 1e-2
+    assert torch.allclose(unwindowed[: cfg["sliding_window"]], want[: cfg["sliding_window"]],
+                          atol=1e-3)  # fmt: skip
+
+
+def test_clamped_swiglu_equals_transformers():
+    cfg = transformers.GptOssConfig(hidden_size=8, intermediate_size=16, swiglu_limit=1.0)
+    experts = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts(cfg)
+    gate_up = 3 * torch.randn(50, 32)
+    want = experts._apply_gate(gate_up)
+    got = clamped_swiglu(gate_up[:, ::2], gate_up[:, 1::2], cfg.swiglu_alpha, cfg.swiglu_limit)
+    assert torch.equal(got, want)
+
+
+def reference_run(model_dir, **kw):
+    rt = hobbit_tools.load(model_dir, **kw)
+    ids = rt.encode(PROMPT)
+    tokens = rt.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids
+    return ids, rt.logits(ids), tokens, hobbit_tools.load(model_dir, policy="ondemand", **kw)
+
+
+# lru at the top-k minimum misses all the time; prefetch predicts through each layer's own
+# biased router
+@pytest.mark.parametrize("policy", ["lru", "lru+prefetch"])
+def test_offloaded_generation_equals_resident(floats, policy):
+    d, _ = floats
+    ids, logits, tokens, probe = reference_run(d / "model")
+    rt = hobbit_tools.load(d / "model", memory=probe.info["cache_bytes"], policy=policy)
+    g = rt.generate(ids, max_new_tokens=16, stop_at_eos=False)
+    assert g.token_ids == tokens
+    assert g.stats["misses"] > 0
+    assert torch.equal(rt.logits(ids), logits)
+
+
+@pytest.fixture(scope="module")
+def paired(mx, tmp_path_factory):
+    """MXFP4 high (the checkpoint's bytes) paired with a Q4_0 low copy (the mechanism; 96-wide
+    rows allow no lower type)."""
+    d, _ = mx
+    out = tmp_path_factory.mktemp("paired") / "m"
+    hobbit_tools.prepare(d / "hf", out, high="MXFP4", low="Q4_0", pack=False)
+    return out
+
+
+@pytest.mark.parametrize("kernels", ["ggml", "torch"])
+def test_mxfp4_experts_offload_bit_identical_and_near_transformers(mx, paired, kernels):
+    """MXFP4 experts computed by ggml on their bytes (or dequantized for torch's kernels):
+    offloaded equals resident exactly; both near transformers (float32 dense here; the
+    experts' activations are Q8_0 in ggml's kernels, bf16 in torch's, as for every
+    quantized type: measured 0.9% and 0.35% mean error)."""
+    _, ref = mx
+    kw = dict(kernels=kernels, dtype="float32")
+    ids, logits, tokens, probe = reference_run(paired, **kw)
+    assert probe.model.experts.store.p["high"].kernel == kernels
+    rt = hobbit_tools.load(paired, memory=probe.info["cache_bytes"], policy="lru", **kw)
+    assert rt.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids == tokens
+    assert torch.equal(rt.logits(ids), logits)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].float()
+    assert (logits - want).abs().mean() < 0.02 * want.abs().mean()
+
+
+def test_dense_shard_has_llamacpp_gpt_oss_layout(floats, paired):
+    d, _ = floats
+    cfg = json.loads((d / "hf" / "config.json").read_text())
+    r = gguf.GGUFReader(next((d / "model").glob("dense-*.gguf")))
+
+    def key(name):
+        return r.fields[name].contents()
+
+    assert key("general.architecture") == "gpt-oss"
+    assert key("gpt-oss.attention.sliding_window") == cfg["sliding_window"]
+    assert key("gpt-oss.expert_feed_forward_length") == cfg["intermediate_size"]
+    assert key("gpt-oss.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert key("gpt-oss.attention.key_length") == cfg["head_dim"]
+    assert key("gpt-oss.rope.scaling.type") == "yarn"
+    assert key("gpt-oss.rope.scaling.factor") == pytest.approx(4.0)
+    shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in r.tensors}
+    heads, e, f = cfg["num_attention_heads"], cfg["num_local_experts"], cfg["intermediate_size"]
+    assert shapes["blk.0.attn_sinks.weight"] == (heads,)
+    assert shapes["blk.0.post_attention_norm.weight"] == (cfg["hidden_size"],)
+    assert shapes["blk.0.ffn_gate_inp.bias"] == (e,)
+    assert shapes["blk.2.ffn_gate_exps.bias"] == shapes["blk.2.ffn_up_exps.bias"] == (e, f)
+    assert shapes["blk.2.ffn_down_exps.bias"] == (e, cfg["hidden_size"])
+    assert "blk.0.ffn_norm.weight" not in shapes
+    high = gguf.GGUFReader(paired / "experts-high-MXFP4.gguf")
+    assert {t.tensor_type for t in high.tensors} == {gguf.GGMLQuantizationType.MXFP4}
+    dense = gguf.GGUFReader(next(paired.glob("dense-*.gguf")))
+    assert dense.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
+
+
+def test_cli_run_and_bench(paired):
+    r = CliRunner().invoke(main, ["run", str(paired), "-p", PROMPT, "-n", "8", "--memory",
+                                  "50%", "--policy", "hobbit", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["token_ids"]) >= 8 and out["stats"]["misses"] > 0
+    r = CliRunner().invoke(main, ["bench", str(paired), "--memory", "50%", "--policies",
+                                  "resident,lru,hobbit", "-n", "6", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    runs = {x["policy"]: x for x in json.loads(r.output)["runs"]}
+    assert set(runs) == {"resident", "lru", "hobbit"}
+    assert runs["lru"]["bytes_read_per_token"] > 0
