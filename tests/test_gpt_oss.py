@@ -266,3 +266,36 @@ def test_cli_run_and_bench(paired):
     runs = {x["policy"]: x for x in json.loads(r.output)["runs"]}
     assert set(runs) == {"resident", "lru", "hobbit"}
     assert runs["lru"]["bytes_read_per_token"] > 0
+
+
+def test_ggml_expert_graph_equals_torch_and_float64(paired):
+    """One gpt-oss expert on its MXFP4 bytes in one ggml graph (bias adds, swiglu_oai) against
+    the same matmuls with the torch SwiGLU, and against float64 on gguf's dequantized weights
+    (ggml's activations are Q8_0: ~1% of the output's range)."""
+    from hobbit_tools.runtime.loader import ModelFiles
+    from hobbit_tools.runtime.store import ExpertStore, SlotArena
+
+    files = ModelFiles(paired)
+    store = ExpertStore(files, ["high"], torch.float32)
+    arena = SlotArena(store.p["high"].slot_bytes, 1)
+    layer, e = 1, 4
+    expert = store.read(layer, e, "high", arena.view(0))
+    assert store.p["high"].kernel == "ggml"
+    shard = {t.name: t for t in gguf.GGUFReader(paired / "experts-high-MXFP4.gguf").tensors}
+    w = [
+        torch.from_numpy(
+            qtypes.dequantize(np.asarray(shard[f"blk.{layer}.ffn_{r}_exps.weight"].data),
+                              "MXFP4", (6, 96, 96))[e]  # fmt: skip
+        ).double()
+        for r in ("gate", "up", "down")
+    ]
+    bg, bu, bd = (b.double() for b in expert.biases)
+    oss = files.config.oss
+    for x in (torch.randn(1, 96), torch.randn(5, 96)):
+        fused, split = expert(x), expert.torch_forward(x)
+        assert torch.allclose(fused, split, atol=1e-5, rtol=1e-5)
+        xd = x.double()
+        h = clamped_swiglu(xd @ w[0].T + bg, xd @ w[1].T + bu, oss.alpha, oss.limit)
+        want = h @ w[2].T + bd
+        assert (fused.double() - want).abs().max() < 0.02 * want.abs().max()
+    store.close()

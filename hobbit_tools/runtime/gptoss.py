@@ -110,16 +110,24 @@ class OssExpert:
         self.oss = oss
         self.nbytes = inner.nbytes
         self.dtype = inner.dtype
-        if isinstance(inner, GGUFExpert):
-            mats = inner.mats
-            self._mm = [lambda x, m=m: ggml.linear(x, m) for m in mats]
-        else:
-            self._mm = [inner.gate, inner.up, inner.down]
+        self._ggml = isinstance(inner, GGUFExpert)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ggml:  # one ggml graph on the slot's bytes, as llama.cpp's gpt-oss
+            y = ggml.ffn_oai(x, *self.inner.mats, self.biases, self.oss.alpha, self.oss.limit)
+            return y.to(x.dtype)
+        return self.torch_forward(x)
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on torch's kernels (for an `Expert`), or as the reference for ggml's."""
+        if self._ggml:
+            mats = self.inner.mats
+            gate, up, down = (lambda t, m=m: ggml.linear(t, m) for m in mats)
+        else:
+            gate, up, down = self.inner.gate, self.inner.up, self.inner.down
         dtype = self.dtype or x.dtype
         xk = x.to(dtype)
-        (gate, up, down), (bg, bu, bd) = self._mm, self.biases
+        bg, bu, bd = self.biases
         h = clamped_swiglu(gate(xk) + bg.to(dtype), up(xk) + bu.to(dtype), self.oss.alpha, self.oss.limit)
         return (down(h) + bd.to(dtype)).to(x.dtype)
 
