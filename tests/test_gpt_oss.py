@@ -109,7 +109,7 @@ def test_mxfp4_experts_are_carried_over_byte_for_byte(mx, tmp_path):
             gate_up = (f.get_tensor(stem + "gate_up_proj_blocks").numpy(),
                        f.get_tensor(stem + "gate_up_proj_scales").numpy())  # fmt: skip
             # transformers' experts as it computes them: x @ W, gate and up interleaved
-            w = getattr(ref.model.layers[layer].mlp.experts, "gate_up_proj").detach()
+            w = ref.model.layers[layer].mlp.experts.gate_up_proj.detach()
             for role, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
                 t = tensors[f"blk.{layer}.ffn_{role}_exps.weight"]
                 assert t.tensor_type == gguf.GGMLQuantizationType.MXFP4
@@ -129,7 +129,9 @@ def test_mxfp4_default_low_copy_needs_256_wide_rows():
     assert default_types("BF16", real, mxfp4_experts=True)["low"] is None
     wide = ModelConfig.from_hf({**base, "hidden_size": 768, "intermediate_size": 512})
     assert default_types("BF16", wide, mxfp4_experts=True) == {
-        "dense": "BF16", "high": "MXFP4", "low": "Q2_K"
+        "dense": "BF16",
+        "high": "MXFP4",
+        "low": "Q2_K",
     }
 
 
@@ -284,8 +286,9 @@ def test_ggml_expert_graph_equals_torch_and_float64(paired):
     shard = {t.name: t for t in gguf.GGUFReader(paired / "experts-high-MXFP4.gguf").tensors}
     w = [
         torch.from_numpy(
-            qtypes.dequantize(np.asarray(shard[f"blk.{layer}.ffn_{r}_exps.weight"].data),
-                              "MXFP4", (6, 96, 96))[e]  # fmt: skip
+            qtypes.dequantize(
+                np.asarray(shard[f"blk.{layer}.ffn_{r}_exps.weight"].data), "MXFP4", (6, 96, 96)
+            )[e]  # fmt: skip
         ).double()
         for r in ("gate", "up", "down")
     ]

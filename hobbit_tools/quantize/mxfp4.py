@@ -119,7 +119,9 @@ def is_stacked_expert(name: str) -> bool:
     return bool(_STACKED.match(name))
 
 
-_STACKED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_blocks|_scales)?$")
+_STACKED = re.compile(
+    r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_blocks|_scales)?$"
+)
 
 
 def stacked_experts(ckpt, cfg) -> dict[tuple[int, int, str], StackedMatrix]:

@@ -301,11 +301,15 @@ def ffn_oai(x: torch.Tensor, gate, up, down, biases, alpha: float, limit: float)
     try:
         lb = g.lb
         xt = g.leaf2d("F32", d, t, _ptr(x))
-        hg = lb.add(g.ops, lb.mul_mat(g.ops, g.leaf2d(qg, d, f, pg), xt), g.leaf2d("F32", f, 1, _ptr(bg)))
-        hu = lb.add(g.ops, lb.mul_mat(g.ops, g.leaf2d(qu, d, f, pu), xt), g.leaf2d("F32", f, 1, _ptr(bu)))
-        h = lb.swiglu_oai(g.ops, hg, hu, alpha, limit)
-        y = lb.add(g.ops, lb.mul_mat(g.ops, g.leaf2d(qd, f, d, pd), h), g.leaf2d("F32", d, 1, _ptr(bd)))
-        return torch.from_numpy(g.run(y).copy())
+
+        def affine(qtype, cols, rows, ptr, inp, bias):  # W inp + b, b broadcast over tokens
+            y = lb.mul_mat(g.ops, g.leaf2d(qtype, cols, rows, ptr), inp)
+            return lb.add(g.ops, y, g.leaf2d("F32", rows, 1, _ptr(bias)))
+
+        h = lb.swiglu_oai(
+            g.ops, affine(qg, d, f, pg, xt, bg), affine(qu, d, f, pu, xt, bu), alpha, limit
+        )
+        return torch.from_numpy(g.run(affine(qd, f, d, pd, h, bd)).copy())
     finally:
         g.close()
 

@@ -38,7 +38,9 @@ class OssWeights:
 
 def load_weights(get, b: str) -> OssWeights:
     """Layer b's sinks and router bias; `get(name)` reads a dense tensor."""
-    return OssWeights(sinks=get(b + "attn_sinks.weight"), router_bias=get(b + "ffn_gate_inp.bias").float())
+    return OssWeights(
+        sinks=get(b + "attn_sinks.weight"), router_bias=get(b + "ffn_gate_inp.bias").float()
+    )
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +130,9 @@ class OssExpert:
         dtype = self.dtype or x.dtype
         xk = x.to(dtype)
         bg, bu, bd = self.biases
-        h = clamped_swiglu(gate(xk) + bg.to(dtype), up(xk) + bu.to(dtype), self.oss.alpha, self.oss.limit)
+        h = clamped_swiglu(
+            gate(xk) + bg.to(dtype), up(xk) + bu.to(dtype), self.oss.alpha, self.oss.limit
+        )
         return (down(h) + bd.to(dtype)).to(x.dtype)
 
 

@@ -237,7 +237,11 @@ def kv_bytes(files: ModelFiles, context: int, dtype: torch.dtype) -> int:
 def _context_source(files: ModelFiles) -> str:
     src = json.loads(files.dense.meta(KEY_SOURCE_CONFIG))
     window = src.get("sliding_window") if src.get("use_sliding_window", True) else None
-    if window and files.config.oss is None and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT):
+    if (
+        window
+        and files.config.oss is None
+        and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    ):
         return "its sliding_window caps it, as hobbit has no windowed attention"
     return "its max_position_embeddings"
 
