@@ -256,6 +256,16 @@ def test_dense_shard_has_llamacpp_gpt_oss_layout(floats, paired):
     assert dense.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
 
 
+def test_recipe_keeps_the_released_bytes(mx, tmp_path):
+    d, _ = mx
+    r = CliRunner().invoke(
+        main, ["prepare", str(d / "hf"), "-o", str(tmp_path / "m"), "--recipe", "gpt_oss"]
+    )
+    assert r.exit_code == 0, r.output
+    types = json.loads((tmp_path / "m" / "manifest.json").read_text())["types"]
+    assert types == {"dense": "BF16", "high": "MXFP4"}
+
+
 def test_cli_run_and_bench(paired):
     r = CliRunner().invoke(main, ["run", str(paired), "-p", PROMPT, "-n", "8", "--memory",
                                   "50%", "--policy", "hobbit", "--json"])  # fmt: skip
