@@ -8,8 +8,8 @@ E experts, F expert ffn, D hidden.
   every query's softmax and carries no value: attention can put weight on "nothing". Layers
   marked sliding_attention see only the last `sliding_window` positions (the query's own
   included); the others see the whole context. The window is applied to the keys each
-  query may see; the cache keeps every position (a ring buffer per sliding layer would
-  save memory, not compute).
+  query may see (a decode step attends to the window's keys only); the cache keeps every
+  position (a ring buffer per sliding layer would save memory, not compute).
 * Router: gate logits plus a bias; the top-k logits, softmaxed among themselves.
 * Experts: down(swiglu(gate x + b_g, up x + b_u)) + b_d with swiglu(g, u) = (clamp(u, -l, l)
   + 1) * g' * sigmoid(alpha g'), g' = min(g, l). The matrices come from the expert store as
@@ -64,12 +64,32 @@ def attention(
     cache.v[layer, :, start:end] = linear(x, lw.wv, lw.bv).view(T, Hkv, Dh).transpose(0, 1)
     window = cfg.oss.sliding_window if cfg.oss.sliding[layer] else 0
     lo = max(0, start + 1 - window) if window else 0  # the first key any query here sees
-    keys, values = _with_sink(cache.k[layer, :, lo:end]), _with_sink(cache.v[layer, :, lo:end])
-    bias = sink_bias(cfg.oss, lw.oss.sinks, layer, start, T, lo, x.dtype)
-    out = F.scaled_dot_product_attention(
-        q[None], keys[None], values[None], attn_mask=bias[None], scale=Dh**-0.5, enable_gqa=True
-    )[0]  # [H, T, Dh]
+    keys, values = cache.k[layer, :, lo:end], cache.v[layer, :, lo:end]
+    if T == 1:  # every key in [lo, end) is visible: no mask
+        out = _decode(q, keys, values, lw.oss.sinks, Dh**-0.5)
+    else:
+        bias = sink_bias(cfg.oss, lw.oss.sinks, layer, start, T, lo, x.dtype)
+        out = F.scaled_dot_product_attention(
+            q[None],
+            _with_sink(keys)[None],
+            _with_sink(values)[None],
+            attn_mask=bias[None],
+            scale=Dh**-0.5,
+            enable_gqa=True,
+        )[0]  # [H, T, Dh]
     return out.transpose(0, 1).reshape(T, H * Dh)
+
+
+def _decode(q, keys, values, sinks, scale) -> torch.Tensor:
+    """One query per head q [H, 1, Dh] over keys/values [Hkv, S, Dh] and the sinks [H]:
+    scores [H, S] are small here, so softmax them with the sink explicitly (prefill's SDPA
+    needs the sink as a key: a copy of the keys that a decode step should not pay)."""
+    H, Hkv, S = q.shape[0], keys.shape[0], keys.shape[1]
+    qg = q.view(Hkv, H // Hkv, -1)  # heads grouped by their kv head
+    scores = torch.matmul(qg, keys.transpose(1, 2)).view(H, S) * scale
+    logits = torch.cat((scores.float(), sinks.float()[:, None]), dim=-1)  # [H, S + 1]
+    probs = torch.softmax(logits, dim=-1)[:, :S].to(q.dtype)
+    return torch.matmul(probs.view(Hkv, H // Hkv, S), values).view(H, 1, -1)
 
 
 def _with_sink(t: torch.Tensor) -> torch.Tensor:
