@@ -14,7 +14,7 @@ import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from test_parity import hf_greedy
-from tiny_models import make_checkpoint
+from tiny_models import FAMILIES, make_checkpoint
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import hobbit_tools
@@ -27,6 +27,7 @@ from hobbit_tools.runtime.gptoss import clamped_swiglu
 PROMPT = "Now is the winter of our discontent made glorious summer"
 # Both MXFP4 block dims: hidden and expert ffn multiples of 32, hidden no power of two.
 MX_SHAPE = dict(hidden_size=96, intermediate_size=96)
+FAMILY_ROPE = FAMILIES["gpt_oss"][2]["rope_parameters"]
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +313,22 @@ def test_ggml_expert_graph_equals_torch_and_float64(paired):
         want = h @ w[2].T + bd
         assert (fused.double() - want).abs().max() < 0.02 * want.abs().max()
     store.close()
+
+
+def test_llamacpp_loads_dense_and_high_and_agrees(tmp_path, tokenizer_dir):
+    """llama.cpp's gpt-oss reads the split (names, keys, sinks, windows, biases) and computes
+    what hobbit computes. Its gpt-oss hard-codes swiglu alpha 1.702 and limit 7.0 (the
+    released values) and always truncates YaRN's ramp bounds: with truncate false, as
+    gpt-oss ships and transformers honours, llama.cpp's logits differ (measured 0.49 here)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    rope = dict(FAMILY_ROPE, truncate=True)
+    make_checkpoint("gpt_oss", tmp_path / "hf", tokenizer_dir, swiglu_alpha=1.702,
+                    swiglu_limit=7.0, rope_parameters=rope)  # fmt: skip
+    hobbit_tools.prepare(tmp_path / "hf", tmp_path / "m", dense="F32", high="F32", pack=False)
+    split = tmp_path / "m" / "llamacpp" / "high-00001-of-00002.gguf"
+    lm = llama_cpp.Llama(str(split), n_ctx=128, n_threads=1, verbose=False, logits_all=True)
+    rt = hobbit_tools.load(tmp_path / "m")
+    ids = rt.encode(PROMPT + " by this sun of York")
+    lm.eval(ids)
+    theirs = torch.from_numpy(np.array(lm.scores[: len(ids)]))
+    assert (rt.logits(ids) - theirs).abs().max().item() < 5e-3
