@@ -22,6 +22,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import hobbit_tools
 from hobbit_tools.cli import main
+from hobbit_tools.errors import HobbitError
 from hobbit_tools.families import ModelConfig
 from hobbit_tools.quantize import mxfp4, qtypes
 from hobbit_tools.quantize.convert import default_types
@@ -343,3 +344,17 @@ def test_llamacpp_loads_dense_and_high_and_agrees(tmp_path, tokenizer_dir):
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=120)
     theirs = torch.from_numpy(np.load(tmp_path / "scores.npy"))
     assert (rt.logits(ids) - theirs).abs().max().item() < 5e-3
+
+
+def test_mxfp4_blocks_without_scales_are_refused(mx, tmp_path):
+    from safetensors.torch import load_file
+
+    d, _ = mx
+    src = tmp_path / "hf"
+    shutil.copytree(d / "hf", src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HobbitError, match=r"layers\.1\.mlp\.experts\.down_proj_blocks .*_scales"):
+        hobbit_tools.prepare(src, tmp_path / "m", pack=False)
+    assert not (tmp_path / "m").exists()
