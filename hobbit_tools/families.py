@@ -36,6 +36,9 @@ class Family:
     sparse_step_keys: bool = False  # honours mlp_only_layers and decoder_sparse_step
     mla: bool = False  # DeepSeek's multi-head latent attention (compressed KV)
     skip_mtp_layers: bool = False  # drop checkpoint layers past num_hidden_layers (MTP heads)
+    # gpt-oss: experts stacked per layer (MXFP4 or float), biased with a clamped SwiGLU;
+    # attention sinks and sliding-window layers (runtime/gptoss.py, quantize/mxfp4.py)
+    gpt_oss: bool = False
 
 
 _QWEN_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -101,6 +104,15 @@ FAMILIES: dict[str, Family] = {
             mla=True,
             skip_mtp_layers=True,  # as llama.cpp: the multi-token-prediction layer is not run
         ),
+        Family(
+            "gpt_oss",
+            gguf.MODEL_ARCH.GPT_OSS,
+            "mlp.experts",
+            {},  # stacked: quantize/mxfp4.py splits gate_up_proj and down_proj per expert
+            # softmax over the top-k logits, which is the renormalised top-k of the softmax
+            always_norm_topk=True,
+            gpt_oss=True,
+        ),
     ]
 }
 
@@ -148,6 +160,18 @@ class MlaConfig:
 
 
 @dataclass(frozen=True)
+class OssConfig:
+    """gpt-oss: which layers attend through a sliding window (the others see the whole
+    context), and the experts' clamped SwiGLU: (clamp(up, +-limit) + 1) * g * sigmoid(alpha *
+    g) with g = min(gate, limit)."""
+
+    sliding_window: int  # a query sees itself and the window - 1 tokens before it
+    sliding: tuple[bool, ...]  # per layer, from layer_types
+    alpha: float
+    limit: float
+
+
+@dataclass(frozen=True)
 class GroupedRouting:
     """DeepSeek's routers: experts scored by softmax (V2) or sigmoid plus a per-expert
     correction bias for the choice (V3, noaux_tc); the choice limited to the topk_group best
@@ -187,6 +211,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     mla: MlaConfig | None = None
     grouped: GroupedRouting | None = None
+    oss: OssConfig | None = None
 
     @property
     def spec(self) -> Family:
@@ -238,8 +263,8 @@ class ModelConfig:
         mla = _mla_config(cfg, rope) if fam.mla else None
         max_ctx = int(cfg.get("max_position_embeddings") or 4096)
         # A sliding window longer than the context never slides; cap the context at the
-        # window instead of implementing windowed attention.
-        if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+        # window instead of implementing windowed attention (gpt-oss's window is applied).
+        if cfg.get("sliding_window") and cfg.get("use_sliding_window", True) and not fam.gpt_oss:
             max_ctx = min(max_ctx, int(cfg["sliding_window"]))
         config = cls(
             family=fam.model_type,
@@ -270,6 +295,7 @@ class ModelConfig:
             grouped=_grouped_routing(cfg, fam, num_experts, top_k)
             if fam.router == "grouped"
             else None,
+            oss=_oss_config(cfg, layers) if fam.gpt_oss else None,
         )
         return validate.model_config(config)
 
@@ -307,6 +333,28 @@ def _mla_config(cfg: dict, rope: RopeConfig) -> MlaConfig:
         interleaved_rope=bool(cfg.get("rope_interleave", True)),
         scale=scale,
         **mla,
+    )
+
+
+def _oss_config(cfg: dict, layers: int) -> OssConfig:
+    # transformers' default when config.json has no layer_types: sliding, full, sliding, ...
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+    ]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if len(types) != layers or unknown:
+        raise HobbitError(
+            f"config.json: layer_types must name sliding_attention or full_attention for each "
+            f"of the {layers} layers; got {types}"
+        )
+    window = int(cfg.get("sliding_window") or 0)
+    if window < 1 and "sliding_attention" in types:
+        raise HobbitError("config.json: sliding_attention layers need a sliding_window >= 1")
+    return OssConfig(
+        sliding_window=window,
+        sliding=tuple(t == "sliding_attention" for t in types),
+        alpha=float(cfg.get("swiglu_alpha", 1.702)),
+        limit=float(cfg.get("swiglu_limit", 7.0)),
     )
 
 

@@ -225,8 +225,10 @@ def widen_checkpoint(
     fam = cfg.spec
     if expert_ffn < cfg.expert_ffn:
         raise ValueError(f"expert_ffn {expert_ffn} is narrower than the model's {cfg.expert_ffn}")
+    if fam.gpt_oss:
+        raise ValueError("widening gpt-oss's stacked (and MXFP4) experts is not supported")
     experts, _ = _split_names(ckpt, cfg)
-    role_of = {name: role for (_, _, role), name in experts.items()}
+    role_of = {m.name: role for (_, _, role), m in experts.items()}
     extra = expert_ffn - cfg.expert_ffn
     total = sum(
         _numel(ckpt.shape(n)) * (expert_ffn / cfg.expert_ffn if n in role_of else 1)

@@ -152,6 +152,31 @@ FAMILIES = {
             ),
         ),
     ),
+    # Both attention kinds (sliding, full, sliding) with a window of 5 that every prompt
+    # passes; sinks; a clamp that the activations reach; YaRN without truncation, as
+    # gpt-oss ships it. Saved by transformers as float experts (MXFP4: test_gpt_oss.py).
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            head_dim=16,
+            intermediate_size=40,
+            num_local_experts=6,
+            num_experts_per_tok=3,
+            sliding_window=5,
+            swiglu_limit=1.0,
+            swiglu_alpha=1.5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=4.0,
+                original_max_position_embeddings=128,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+            ),
+        ),
+    ),
 }
 
 
@@ -199,6 +224,10 @@ def make_checkpoint(
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # zeros from transformers: test nothing
             buf.copy_(0.1 * torch.randn_like(buf))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):  # gpt-oss: zeros too
+                p.copy_(0.1 * torch.randn_like(p))
     save = model.to(dtype) if dtype != torch.float32 else model
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     save.save_pretrained(dest, **kwargs)

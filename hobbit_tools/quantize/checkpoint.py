@@ -80,11 +80,30 @@ class Checkpoint:
             )
         return t
 
+    def read_index(self, name: str, index: int) -> torch.Tensor:
+        """tensor[index] of a stacked tensor (gpt-oss's experts), read alone; checked as `read`."""
+        file = self._file_of[name]
+        try:
+            with safe_open(self.path / file, framework="pt") as f:
+                t = f.get_slice(name)[index]
+        except Exception as e:
+            raise HobbitError(
+                f"{file}: tensor {name} is not readable ({e}); the file is damaged: re-download it"
+            ) from e
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HobbitError(
+                f"{file}: tensor {name} holds NaN or Inf values; the checkpoint is broken "
+                "(re-download it, or fix the training run that wrote it)"
+            )
+        return t
+
     def source_dtype(self) -> str:
         """The dtype most weight bytes are stored in: F32, F16 or BF16."""
         counts: dict[str, int] = {}
         for name in self._file_of:
             d = self.dtype(name)
+            if d == "U8" and name.endswith(("_blocks", "_scales")):
+                continue  # gpt-oss's MXFP4 experts: not the dtype of the float weights
             counts[d] = counts.get(d, 0) + _numel(self.shape(name))
         best = max(counts, key=counts.get)
         if best not in SAFETENSORS_DTYPES:

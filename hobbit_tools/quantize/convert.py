@@ -33,7 +33,7 @@ from ..shards import (
     write_json_atomic,
 )
 from ..staging import staging_dir
-from . import qtypes
+from . import mxfp4, qtypes
 from .checkpoint import Checkpoint
 from .layout import ROLES, dense_plan, expert_tensor_name
 from .vocab import add_tokenizer
@@ -57,11 +57,18 @@ class Precision:
         return f"experts-{self.name}-{self.qtype}.gguf"
 
 
-def default_types(source_dtype: str, cfg: ModelConfig) -> dict[str, str | None]:
+def default_types(
+    source_dtype: str, cfg: ModelConfig, mxfp4_experts: bool = False
+) -> dict[str, str | None]:
     """Defaults: dense tensors keep the checkpoint's dtype; experts go to Q8_0 (near-lossless,
     half of BF16's bytes) paired with Q4_K (a quarter, with error-minimising scales), as far
-    as the expert shapes allow block quantization; otherwise the source dtype, unpaired."""
+    as the expert shapes allow block quantization; otherwise the source dtype, unpaired.
+    Experts stored as MXFP4 (gpt-oss) stay MXFP4, their own bytes; the only lower ggml
+    type is Q2_K, where rows are multiples of 256 (not gpt-oss's 2880: no low copy there)."""
     dims = (cfg.hidden_size, cfg.expert_ffn)
+    if mxfp4_experts:
+        low = "Q2_K" if all(d % 256 == 0 for d in dims) else None
+        return {"dense": source_dtype, "high": "MXFP4", "low": low}
     high = "Q8_0" if all(d % 32 == 0 for d in dims) else source_dtype
     low = "Q4_K" if all(d % 256 == 0 for d in dims) else ("Q4_0" if high == "Q8_0" else None)
     return {"dense": source_dtype, "high": high, "low": low}
@@ -85,14 +92,15 @@ def prepare(
     ckpt = Checkpoint(src)
     cfg = ModelConfig.from_hf(ckpt.config)
     fam = cfg.spec
-    defaults = default_types(ckpt.source_dtype(), cfg)
+    experts, dense_names = _split_names(ckpt, cfg)
+    mx = any(getattr(m, "mxfp4", False) for m in experts.values())
+    defaults = default_types(ckpt.source_dtype(), cfg, mxfp4_experts=mx)
     dense = _check_type(dense or defaults["dense"], "--dense")
     precisions = [Precision("high", _check_type(high or defaults["high"], "--high"))]
     low = defaults["low"] if low is None else (None if str(low).lower() == "none" else low)
     if low:
         precisions.append(Precision("low", _check_type(low, "--low")))
 
-    experts, dense_names = _split_names(ckpt, cfg)
     validate.checkpoint_layout(cfg, experts, dense_names)
     _check_experts(ckpt, cfg, experts)
     plan = dense_plan(ckpt, cfg, dense_names, dense)
@@ -157,10 +165,33 @@ def _check_type(qtype: str, flag: str, allowed: tuple[str, ...] | None = None) -
     return qtype
 
 
+@dataclass(frozen=True)
+class NamedMatrix:
+    """An expert matrix that is a checkpoint tensor of its own, [rows, cols] (most families;
+    gpt-oss's stacked experts are `mxfp4.StackedMatrix`, with the same interface)."""
+
+    ckpt: Checkpoint
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ckpt.shape(self.name)
+
+    def read(self) -> np.ndarray:
+        return _to_f32(self.ckpt.read(self.name))
+
+    def raw(self, qtype: str) -> None:
+        """Stored bytes usable as they are: never (float tensors are quantized)."""
+        return None
+
+
 def _split_names(ckpt: Checkpoint, cfg: ModelConfig) -> tuple[dict, list[str]]:
-    """Routed-expert tensors keyed by (layer, expert, role); everything else is dense
+    """Routed-expert matrices keyed by (layer, expert, role); everything else is dense
     (except, where the family has them, layers past num_hidden_layers: MTP heads)."""
     fam = cfg.spec
+    if fam.gpt_oss:
+        dense = [n for n in ckpt.names() if not mxfp4.is_stacked_expert(n)]
+        return mxfp4.stacked_experts(ckpt, cfg), dense
     pattern = re.compile(
         rf"^model\.layers\.(\d+)\.{re.escape(fam.experts_stem)}\.(\d+)\.(\w+)\.weight$"
     )
@@ -172,7 +203,8 @@ def _split_names(ckpt: Checkpoint, cfg: ModelConfig) -> tuple[dict, list[str]]:
             continue
         m = pattern.match(name)
         if m and m.group(3) in fam.expert_roles:
-            experts[(int(m.group(1)), int(m.group(2)), fam.expert_roles[m.group(3)])] = name
+            key = (int(m.group(1)), int(m.group(2)), fam.expert_roles[m.group(3)])
+            experts[key] = NamedMatrix(ckpt, name)
         elif not name.endswith("rotary_emb.inv_freq"):
             dense.append(name)
     return experts, dense
@@ -186,11 +218,11 @@ def _check_experts(ckpt: Checkpoint, cfg: ModelConfig, experts: dict) -> None:
         for e in range(cfg.num_experts):
             for role in ROLES:
                 want = _expert_shape(cfg, role)
-                name = experts.get((layer, e, role))
-                if name is None:
+                m = experts.get((layer, e, role))
+                if m is None:
                     missing.append(f"layer {layer} expert {e} {role}")
-                elif ckpt.shape(name) != want:
-                    misshaped.append(f"{name} is {list(ckpt.shape(name))}, expected {list(want)}")
+                elif tuple(m.shape) != want:
+                    misshaped.append(f"{m.name} is {list(m.shape)}, expected {list(want)}")
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise HobbitError(f"checkpoint lacks expert tensors: {', '.join(missing[:5])}{more}")
@@ -248,9 +280,13 @@ def _write_experts(tmp, ckpt, cfg, experts, precisions, expert_plans, n_split, b
             for w in writers.values():
                 w.start_tensor()
             for e in range(cfg.num_experts):
-                x = _to_f32(ckpt.read(experts[(layer, e, role)]))
+                m, x = experts[(layer, e, role)], None
                 for p in precisions:
-                    data = qtypes.quantize(x, p.qtype).tobytes()
+                    raw = m.raw(p.qtype)  # MXFP4 experts written as MXFP4: their own bytes
+                    if raw is None:
+                        x = m.read() if x is None else x
+                        raw = qtypes.quantize(x, p.qtype)
+                    data = raw.tobytes()
                     writers[p.name].write(data)
                     crc[p.name][layer][e] = zlib.crc32(data, crc[p.name][layer][e])
                     bar.update(len(data))
@@ -297,6 +333,8 @@ def _add_metadata(
             # llama.cpp's deepseek2 convention (its converter: 0.1 * mscale_all_dim)
             gw.add_rope_scaling_yarn_log_mul(0.1 * cfg.rope.mscale_all_dim)
     gw.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.oss is not None:  # llama.cpp's gpt-oss alternates sliding and full layers itself
+        gw.add_sliding_window(cfg.oss.sliding_window)
     gw.add_expert_count(cfg.num_experts)
     gw.add_expert_used_count(cfg.top_k)
     gw.add_expert_feed_forward_length(cfg.expert_ffn)
@@ -342,7 +380,8 @@ def _file_type(high: str) -> int:
     """llama.cpp's "mostly" type of the model it loads (dense + high): the experts' type."""
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
              "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M",
-             "Q2_K": "MOSTLY_Q2_K", "Q6_K": "MOSTLY_Q6_K"}  # fmt: skip
+             "Q2_K": "MOSTLY_Q2_K", "Q6_K": "MOSTLY_Q6_K",
+             "MXFP4": "MOSTLY_MXFP4_MOE"}  # fmt: skip
     return int(gguf.LlamaFileType[names[high]])
 
 

@@ -48,6 +48,8 @@ class DenseTensor:
 def gguf_name(cfg: ModelConfig, hf_name: str) -> str | None:
     # llama.cpp's converter renames DeepSeek-V3's bias so that its tensor map finds it
     hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
+    if cfg.oss is not None and (oss := _oss_name(hf_name)):
+        return oss
     name = _name_map(cfg).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is not None:
         return name
@@ -57,6 +59,21 @@ def gguf_name(cfg: ModelConfig, hf_name: str) -> str | None:
         if extra:
             return f"blk.{parts[2]}.{extra}.{parts[5]}"
     return None
+
+
+def _oss_name(hf_name: str) -> str | None:
+    """gpt-oss's names outside the gguf package's map, as llama.cpp's converter writes them:
+    sinks get a .weight; the stacked experts' biases become ffn_{gate,up,down}_exps.bias
+    (gate_up's interleaved bias is split by `_split_gate_up`)."""
+    parts = hf_name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return None
+    stem = {
+        "self_attn.sinks": "attn_sinks.weight",
+        "mlp.experts.gate_up_proj_bias": "ffn_gate_up_exps.bias",
+        "mlp.experts.down_proj_bias": "ffn_down_exps.bias",
+    }.get(".".join(parts[3:]))
+    return f"blk.{parts[2]}.{stem}" if stem else None
 
 
 _MAPS: dict[tuple, gguf.TensorNameMap] = {}
@@ -79,7 +96,9 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     fam = cfg.spec
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
-        shapes |= {b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,)}
+        shapes |= {b + "attn_norm.weight": (d,), b + ffn_norm_name(cfg) + ".weight": (d,)}
+        if cfg.oss is not None:
+            shapes |= _oss_shapes(cfg, b)
         if cfg.mla:
             shapes |= _mla_shapes(cfg, b)
         else:
@@ -123,6 +142,31 @@ def required_dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def ffn_norm_name(cfg: ModelConfig) -> str:
+    """llama.cpp's name for the norm before the FFN (gpt-oss: post_attention_norm)."""
+    return "post_attention_norm" if cfg.oss is not None else "ffn_norm"
+
+
+def _oss_shapes(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]:
+    """gpt-oss: sinks per head, the router's bias, the experts' biases [E, F] / [E, D]."""
+    e, f, d = cfg.num_experts, cfg.expert_ffn, cfg.hidden_size
+    return {
+        b + "attn_sinks.weight": (cfg.num_heads,),
+        b + "ffn_gate_inp.bias": (e,),
+        b + "ffn_gate_exps.bias": (e, f),
+        b + "ffn_up_exps.bias": (e, f),
+        b + "ffn_down_exps.bias": (e, d),
+    }
+
+
+def _split_gate_up(by_gguf: dict[str, str]) -> None:
+    """gpt-oss's interleaved gate_up bias (one checkpoint tensor) -> gate and up biases."""
+    for g in [g for g in by_gguf if g.endswith(".ffn_gate_up_exps.bias")]:
+        hf = by_gguf.pop(g)
+        by_gguf[g.replace("gate_up", "gate")] = hf
+        by_gguf[g.replace("gate_up", "up")] = hf
+
+
 def _mla_shapes(cfg: ModelConfig, b: str) -> dict[str, tuple[int, ...]]:
     """llama.cpp's deepseek2 layout: kv_b split per head into k_b (transposed) and v_b."""
     m, h, d = cfg.mla, cfg.num_heads, cfg.hidden_size
@@ -156,6 +200,8 @@ def _source_shape(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> tuple[
     if name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
         m = cfg.mla
         return (cfg.num_heads * (m.nope_dim + m.v_dim), m.kv_rank)
+    if cfg.oss is not None and name.endswith((".ffn_gate_exps.bias", ".ffn_up_exps.bias")):
+        return (shape[0], 2 * shape[1])
     return shape
 
 
@@ -177,6 +223,8 @@ def dense_plan(
         )
     if cfg.mla:
         _split_kv_b(cfg, by_gguf)
+    if cfg.oss is not None:
+        _split_gate_up(by_gguf)
     missing = [g for g in required if g not in by_gguf]
     if missing:
         hint = ", ".join(missing[:5]) + (
@@ -195,7 +243,7 @@ def dense_plan(
         # Norms, biases and routers stay F32, as llama.cpp keeps them: routing is sensitive.
         # A matrix whose rows are no whole number of the type's blocks stays F32 too.
         blocks = len(shape) >= 2 and shape[-1] % qtypes.block_size(qtype) == 0
-        t = qtype if blocks and "ffn_gate_inp" not in g else "F32"
+        t = qtype if blocks and "ffn_gate_inp" not in g and not g.endswith(".bias") else "F32"
         rows = math.prod(shape[:-1])
         nbytes = rows * qtypes.row_nbytes(t, shape[-1]) if len(shape) >= 2 else shape[0] * 4
         plans.append(DenseTensor(TensorPlan(g, tuple(shape), t, nbytes), hf, _transform(cfg, g)))
@@ -221,6 +269,10 @@ def _transform(cfg: ModelConfig, name: str):
         return lambda x: split_kv_b(x, cfg)[0]
     if name.endswith(".attn_v_b.weight"):
         return lambda x: split_kv_b(x, cfg)[1]
+    if cfg.oss is not None and name.endswith(".ffn_gate_exps.bias"):
+        return lambda x: np.ascontiguousarray(x[:, 0::2])  # interleaved: gate, up, gate, ...
+    if cfg.oss is not None and name.endswith(".ffn_up_exps.bias"):
+        return lambda x: np.ascontiguousarray(x[:, 1::2])
     if not cfg.spec.permute_qk:
         return None
     if name.endswith("attn_q.weight"):

@@ -2,7 +2,9 @@
 
 `gguf.quants` (llama.cpp's Python package) is the reference for what the bytes mean: every
 `dequantize` goes through it, and `quantize` uses it for the types it can quantize (F16,
-BF16, Q8_0, Q4_0, Q4_1; bit-exact with ggml's reference quantizers). The K-quants (Q4_K,
+BF16, Q8_0, Q4_0, Q4_1, MXFP4; bit-exact with ggml's reference quantizers). MXFP4 (gpt-oss's
+experts: 32 e2m1 values and one power-of-two scale a block) is normally not quantized at all
+but carried over from the checkpoint's own blocks (`mxfp4.py`). The K-quants (Q4_K,
 Q2_K, Q6_K), which gguf cannot quantize, use our vectorised quantizers in `kquants`.
 
 Raw bytes are little-endian GGUF blocks, one row of `cols` elements after another:
@@ -30,6 +32,7 @@ QTYPES: dict[str, GGMLQuantizationType] = {
     "Q4_1": _T.Q4_1,
     "Q4_K": _T.Q4_K,
     "Q2_K": _T.Q2_K,
+    "MXFP4": _T.MXFP4,
 }
 
 # Types quantized by our own code (gguf only dequantizes them).

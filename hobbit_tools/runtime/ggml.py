@@ -86,6 +86,9 @@ class _Lib:
         self.new_2d = fn(base, "ggml_new_tensor_2d", _T, vp, C.c_int, i64, i64)
         self.mul_mat = fn(base, "ggml_mul_mat", _T, vp, _T, _T)
         self.swiglu = fn(base, "ggml_swiglu_split", _T, vp, _T, _T)
+        self.add = fn(base, "ggml_add", _T, vp, _T, _T)
+        f32 = C.c_float
+        self.swiglu_oai = fn(base, "ggml_swiglu_oai", _T, vp, _T, _T, f32, f32)
         self.new_graph = fn(base, "ggml_new_graph_custom", vp, vp, sz, C.c_bool)
         self.expand = fn(base, "ggml_build_forward_expand", None, vp, _T)
         self.row_size = fn(base, "ggml_row_size", sz, C.c_int, i64)
@@ -283,6 +286,30 @@ def ffn(x: torch.Tensor, gate, up, down) -> torch.Tensor:
         hu = lb.mul_mat(g.ops, g.leaf2d(qu, d, f, pu), xt)
         y = g.run(lb.mul_mat(g.ops, g.leaf2d(qd, f, d, pd), lb.swiglu(g.ops, hg, hu)))
         return torch.from_numpy(y.copy())
+    finally:
+        g.close()
+
+
+def ffn_oai(x: torch.Tensor, gate, up, down, biases, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert, as llama.cpp computes it: down(swiglu_oai(gate x + b_g, up x + b_u))
+    + b_d with ggml's clamped SwiGLU, in one graph. x [T, D]; biases float32 [F], [F], [D]."""
+    x = _f32(x)
+    t = x.shape[0]
+    (pg, qg, (f, d)), (pu, qu, _), (pd, qd, _) = gate, up, down
+    bg, bu, bd = (_f32(b) for b in biases)
+    g = _Graph(4 * t * (5 * f + 2 * d), 10)
+    try:
+        lb = g.lb
+        xt = g.leaf2d("F32", d, t, _ptr(x))
+
+        def affine(qtype, cols, rows, ptr, inp, bias):  # W inp + b, b broadcast over tokens
+            y = lb.mul_mat(g.ops, g.leaf2d(qtype, cols, rows, ptr), inp)
+            return lb.add(g.ops, y, g.leaf2d("F32", rows, 1, _ptr(bias)))
+
+        h = lb.swiglu_oai(
+            g.ops, affine(qg, d, f, pg, xt, bg), affine(qu, d, f, pu, xt, bu), alpha, limit
+        )
+        return torch.from_numpy(g.run(affine(qd, f, d, pd, h, bd)).copy())
     finally:
         g.close()
 

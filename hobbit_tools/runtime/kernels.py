@@ -25,8 +25,8 @@ Paths, chosen per type in `KERNEL_FOR` (bf16/fp16 activations) from measurements
   integer 0..45, so K is split into in/256 int8 GEMMs whose per-channel scale is that
   super-block's d, plus one small fp32 GEMM for the 16-wide mins (16-element sums of x
   against dmin*m). 16-wide sub-blocks cannot map onto int4pack groups (32..256 only).
-* ``DenseLinear`` (F32, F16, BF16, Q8_0, Q6_K): plain matmul against a dense weight; Q8_0
-  and Q6_K are dequantized to bf16 once at load (2 bytes/weight: Q8_0's per-32 scales have
+* ``DenseLinear`` (F32, F16, BF16, Q8_0, Q6_K, MXFP4): plain matmul against a dense weight;
+  Q8_0, Q6_K and MXFP4 are dequantized to bf16 once at load (2 bytes/weight: Q8_0's per-32 scales have
   no torch kernel, and the int4 split above is slower at T = 1; Q6_K's 16-wide int8 scales
   neither). F16 weights are converted to the activation dtype; F32 weights stay fp32.
 
@@ -426,7 +426,7 @@ def _dname(dtype: torch.dtype) -> str:
 class DenseLinear(QLinear):
     """Plain matmul against a dense weight held in the compute dtype (fp32 for F32 weights).
 
-    Used for F32/F16/BF16, for Q8_0 and Q6_K (dequantized once at load), and for every type
+    Used for F32/F16/BF16, for Q8_0, Q6_K and MXFP4 (dequantized once at load), and for every type
     when the compute dtype is float32 (`ACCURATE_FOR`). A bf16/fp16 weight takes the fp32
     route from T >= DENSE_PREFILL_MIN_TOKENS where the CPU has no native bf16 GEMM."""
 
@@ -637,6 +637,7 @@ KERNEL_FOR: dict[str, type[QLinear]] = {
     "Q4_1": Int4Linear,
     "Q4_K": Int4Linear,
     "Q2_K": Int8Linear,
+    "MXFP4": DenseLinear,  # no torch kernel for e2m1: dequantized to bf16 at load
 }
 # float32 activations: accuracy mode, every type dequantized at load to fp32.
 ACCURATE_FOR: dict[str, type[QLinear]] = dict.fromkeys(KERNEL_FOR, DenseLinear)

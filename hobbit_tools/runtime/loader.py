@@ -13,8 +13,9 @@ from .. import validate
 from ..errors import HobbitError
 from ..families import ModelConfig
 from ..quantize.convert import KEY_SOURCE_CONFIG
-from ..quantize.layout import ROLES, unpermute_qk
+from ..quantize.layout import ROLES, ffn_norm_name, unpermute_qk
 from ..shards import HEADER, ShardReader, read_manifest
+from . import gptoss
 from .experts import ResidentExperts
 from .mla import MlaWeights
 from .model import LayerWeights, ModelWeights, Transformer
@@ -162,7 +163,7 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
         layers.append(
             LayerWeights(
                 attn_norm=norm(b + "attn_norm"),
-                ffn_norm=norm(b + "ffn_norm"),
+                ffn_norm=norm(b + ffn_norm_name(cfg)),
                 wq=wq,
                 wk=wk,
                 wv=get(b + "attn_v.weight"),
@@ -182,6 +183,7 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
                 shared_gate=get(b + "ffn_gate_inp_shexp.weight"),
                 mlp=mlp,
                 mla=_mla_weights(get, b) if cfg.mla else None,
+                oss=gptoss.load_weights(get, b) if cfg.oss else None,
             )
         )
     output = get("output.weight")
@@ -270,7 +272,11 @@ def kv_bytes(files: ModelFiles, context: int, dtype: torch.dtype) -> int:
 def context_source(files: ModelFiles) -> str:
     src = json.loads(files.dense.meta(KEY_SOURCE_CONFIG))
     window = src.get("sliding_window") if src.get("use_sliding_window", True) else None
-    if window and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT):
+    if (
+        window
+        and files.config.oss is None
+        and int(window) < int(src.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    ):
         return "its sliding_window caps it, as hobbit has no windowed attention"
     return "its max_position_embeddings"
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import HobbitError
 from ..families import ModelConfig
+from . import gptoss
 from .experts import ExpertBackend
 from .mla import LatentCache, MlaWeights, mla_attention
 from .rope import Rope, apply_rope
@@ -44,6 +45,7 @@ class LayerWeights:
     shared_gate: torch.Tensor | None = None  # [1, D]; None: shared experts added ungated
     mla: MlaWeights | None = None
     mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # dense-FFN layers
+    oss: gptoss.OssWeights | None = None  # gpt-oss: sinks, router bias
 
 
 @dataclass
@@ -180,6 +182,9 @@ class Transformer:
             norm = lambda t, w: _rms_norm(t, w, cfg.norm_eps)  # noqa: E731
             out = mla_attention(cfg, lw.mla, self.cache, i, x, start, cos, sin, norm)
             return _linear(out, lw.wo, lw.bo)
+        if lw.oss is not None:  # sinks, sliding windows
+            out = gptoss.attention(cfg, lw, self.cache, i, x, start, cos, sin, _linear)
+            return _linear(out, lw.wo, lw.bo)
         q = _linear(x, lw.wq, lw.bq)
         k = _linear(x, lw.wk, lw.bk)
         v = _linear(x, lw.wv, lw.bv)
@@ -223,6 +228,8 @@ class Transformer:
 
     def select(self, logits: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's routing function on layer `layer`'s gate logits [T, E]."""
+        if self.cfg.oss is not None:
+            return gptoss.route(logits, self.w.layers[layer].oss.router_bias, self.cfg.top_k)
         if self.cfg.grouped is not None:
             bias = self.w.layers[layer].router_bias
             return grouped_topk(logits, self.cfg.top_k, self.cfg.grouped, bias)

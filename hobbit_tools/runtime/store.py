@@ -32,7 +32,7 @@ import torch
 
 from ..errors import HobbitError
 from ..quantize.layout import ROLES, expert_tensor_name
-from . import ggml
+from . import ggml, gptoss
 from .experts import Expert, GGUFExpert
 from .io import BLOCK, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
@@ -93,6 +93,7 @@ class ExpertStore:
         self.verify = True
         self._local = threading.local()
         self._graphs: dict[int, ggml.ExpertFFN] = {}  # slot address -> its one-token graph
+        self._wrap = gptoss.expert_wrapper(files)  # gpt-oss: biases, clamped SwiGLU
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
         for p in self.p.values():
             p.kernel = _kernel_for(p.qtype, kernels or {})
@@ -180,6 +181,10 @@ class ExpertStore:
         (or, from a pack, read its image into `slot` and view the tensors there). `stop`:
         polled during the read; when true it raises io.ReadStopped (the slot then holds
         garbage)."""
+        e = self._read_expert(layer, expert, precision, slot, from_pack, stop)
+        return e if self._wrap is None else self._wrap(layer, expert, e)
+
+    def _read_expert(self, layer, expert, precision, slot, from_pack, stop) -> Expert:
         p = self.p[precision]
         if p.kernel == "ggml":
             return self._read_gguf(p, layer, expert, slot, stop)
