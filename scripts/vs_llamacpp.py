@@ -33,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hobbit_tools.llamacpp import measure  # noqa: E402
 from hobbit_tools.runtime.budget import parse_memory  # noqa: E402
 
-PROMPT = "It was a dark and stormy night, and the wind"
+PROMPT = (
+    "It was a dark and stormy night, and the wind howled around the old house on the hill. "
+    "Inside, by the light of a single candle, the girl and her little dog sat and listened "
+    "to the rain, and the Scarecrow told them of the road of yellow brick that led far away "
+    "to the great city, where the Wizard lived in a palace of green glass and gold."
+)
 CGROUPS = Path("/sys/fs/cgroup/memory")
 
 
@@ -153,13 +158,17 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | hobbit run")
+    print(f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | prefill hobbit / llama.cpp | hobbit run")
     for row in rows:
-        med = {}
+        med, pre = {}, {}
         for who in ("hobbit", "llama.cpp"):
-            ok = [x["decode_tokens_per_s"] for x in row[who] if "decode_tokens_per_s" in x]
-            med[who] = statistics.median(ok) if ok else None
+            ok = [x for x in row[who] if "decode_tokens_per_s" in x]
+            med[who] = statistics.median(x["decode_tokens_per_s"] for x in ok) if ok else None
+            pre[who] = statistics.median(x["prefill_tokens_per_s"] for x in ok) if ok else None
         h, l_ = med["hobbit"], med["llama.cpp"]
+        prefill = (
+            f"{pre['hobbit']:.0f} / {pre['llama.cpp']:.0f} tok/s" if pre["hobbit"] and pre["llama.cpp"] else "-"
+        )
         ratio = f"{h / l_:.2f}x" if h and l_ else "-"
         last = next((x for x in reversed(row["hobbit"]) if "policy" in x), {})
         what = (
@@ -169,7 +178,7 @@ def main() -> None:
             else (row["hobbit"][-1].get("error") or ["?"])[-1]
         )
         fmt = lambda v: f"{v:.2f} tok/s" if v else "failed"  # noqa: E731
-        print(f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {what}")
+        print(f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {prefill:>26} | {what}")
 
 
 if __name__ == "__main__":
