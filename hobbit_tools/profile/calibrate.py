@@ -29,31 +29,50 @@ from ..runtime.store import ExpertStore, SlotArena
 
 @dataclass
 class Windows:
-    """Token windows scored from an empty cache: inputs, and the next tokens as targets
-    (None for windows only routed)."""
+    """Token windows scored from an empty cache: inputs, the next tokens as targets (None
+    for windows only routed), and the calibration part each came from."""
 
     inputs: list[list[int]]
     targets: list[list[int] | None]
+    parts: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, routed: list[int], scored: list[int], window: int) -> Windows:
-        ins, tgts = [], []
-        for start in range(0, len(routed), window):
-            chunk = routed[start : start + window]
-            if len(chunk) > 1:
-                ins.append(chunk)
-                tgts.append(None)
-        for start in range(0, len(scored) - 1, window):
-            chunk = scored[start : start + window + 1]
-            if len(chunk) < 2:
-                break
-            ins.append(chunk[:-1])
-            tgts.append(chunk[1:])
-        return cls(ins, tgts)
+        """One part: `routed` cut into routed-only windows, `scored` into scored ones."""
+        return cls.of_parts([routed], [scored], window)
+
+    @classmethod
+    def of_parts(cls, routed: list[list[int]], scored: list[list[int]], window: int) -> Windows:
+        """Per part i: routed[i] cut into routed-only windows, then (after every part's)
+        scored[i] into scored ones; no window spans two parts."""
+        ins, tgts, parts = [], [], []
+        for i, ids in enumerate(routed):
+            for start in range(0, len(ids), window):
+                chunk = ids[start : start + window]
+                if len(chunk) > 1:
+                    ins.append(chunk)
+                    tgts.append(None)
+                    parts.append(i)
+        for i, ids in enumerate(scored):
+            for start in range(0, len(ids) - 1, window):
+                chunk = ids[start : start + window + 1]
+                if len(chunk) < 2:
+                    break
+                ins.append(chunk[:-1])
+                tgts.append(chunk[1:])
+                parts.append(i)
+        return cls(ins, tgts, parts)
 
     def scored(self) -> Windows:
         keep = [i for i, t in enumerate(self.targets) if t is not None]
-        return Windows([self.inputs[i] for i in keep], [self.targets[i] for i in keep])
+        return self.select(keep)
+
+    def select(self, keep: list[int]) -> Windows:
+        return Windows(
+            [self.inputs[i] for i in keep],
+            [self.targets[i] for i in keep],
+            [self.parts[i] for i in keep],
+        )
 
     @property
     def routed_tokens(self) -> int:

@@ -41,7 +41,9 @@ from .calibrate import LayerExperts, Observer, Windows, perplexity, score_histog
 from .config import config_path, shard_digests, write_config
 from .fit import expected_cost, fit_cache, fit_prefetch_depth, fit_thresholds
 
-DEFAULT_TEXT = Path(__file__).with_name("calibration.txt")
+DEFAULT_SET = Path(__file__).with_name("calibration")  # one text per genre: SOURCES.md
+PARTS_OF_ONE_TEXT = 4  # a single calibration file is cut into this many parts
+FIT_PART = 0.6  # of each part's tokens, fitted on; the rest is held out
 FIT_SHARE = 0.5  # of the perplexity budget the thresholds may spend on the calibration text
 PREFETCH_MIN_GAIN = 0.97  # prefetch is kept if it decodes in at most 97% of the time without
 REPORT_FILE = "profile-report.md"
@@ -65,7 +67,6 @@ def profile(
     from .device import fingerprint, profile_device
 
     t_start = time.perf_counter()
-    text = validate.utf8_text(calibration or DEFAULT_TEXT, "calibration text")
     validate.bounded("ppl_budget", ppl_budget, 0.0, 10.0)
     validate.bounded("max_tokens", max_tokens, 64, integer=True)
     files = ModelFiles(model_dir)
@@ -90,22 +91,16 @@ def profile(
     bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
 
     say("2/4 running the calibration text, one layer at a time")
-    text = (
-        Path(calibration or DEFAULT_TEXT)
-        .read_text(encoding="utf-8", errors="replace")
-        .replace("\r", "")
-    )
-    ids = tokenizer(files).encode(text)[:max_tokens]
-    if len(ids) < 64:
-        raise HobbitError(
-            f"the calibration text gives {len(ids)} tokens; give at least 64 (a few paragraphs)"
-        )
-    split = int(len(ids) * 0.6)
-    calib, held_out = ids[:split], ids[split:]
+    parts = calibration_parts(calibration, tokenizer(files), max_tokens)
+    cut = [max(1, int(len(ids) * FIT_PART)) for _, ids in parts]
+    calib_parts = [ids[:c] for (_, ids), c in zip(parts, cut, strict=True)]
+    held_parts = [ids[c:] for (_, ids), c in zip(parts, cut, strict=True)]
+    calib = [t for ids in calib_parts for t in ids]
+    held_out = [t for ids in held_parts for t in ids]
     has_low = "low" in files.precisions
     model = build_model(files, None, dtype, window + 1)
     store = ExpertStore(files, files.precisions, dtype)
-    windows = Windows.of(calib, held_out, window)
+    windows = Windows.of_parts(calib_parts, held_parts, window)
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
     observer = Observer(windows.routed_tokens, RouterView(routers, model.select))
     final = walk(model, windows, LayerExperts(store, None, observer), "routing, errors")
@@ -213,6 +208,10 @@ def profile(
     }
     write_config(path, runtime, made_for, fitted)
     say("4/4 writing the config and report")
+    fitted["calibration"] = {
+        "source": str(calibration or DEFAULT_SET),
+        "parts": {name: len(ids) for name, ids in parts},
+    }
     report = render_report(files, device, runtime, fitted, len(calib), len(held_out), ppl_budget)
     (path.parent / REPORT_FILE).write_text(report)
     return {
@@ -222,6 +221,35 @@ def profile(
         "device": device,
         "fitted": fitted,
     }
+
+
+def calibration_parts(path: str | Path | None, tok, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """(name, token ids) per calibration part, at most max_tokens over all: the bundled set
+    (one text per genre), a directory of .txt files (one part each), or one text file cut
+    into PARTS_OF_ONE_TEXT parts."""
+    path = Path(path) if path is not None else DEFAULT_SET
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise HobbitError(f"calibration dir {path} holds no .txt files; give one or more")
+        texts = [(f.stem, validate.utf8_text(f, "calibration text")) for f in files]
+    else:
+        texts = [(path.stem, validate.utf8_text(path, "calibration text"))]
+    per = max_tokens // len(texts)
+    parts = [(name, tok.encode(t.replace("\r", ""))[:per]) for name, t in texts]
+    if len(parts) == 1:
+        name, ids = parts[0]
+        ids = ids[:max_tokens]
+        n = len(ids) // PARTS_OF_ONE_TEXT
+        parts = [(f"{name}[{i + 1}/{PARTS_OF_ONE_TEXT}]", ids[i * n : (i + 1) * n])
+                 for i in range(PARTS_OF_ONE_TEXT)]  # fmt: skip
+    short = [(name, len(ids)) for name, ids in parts if len(ids) < 32]
+    if short:
+        raise HobbitError(
+            f"calibration part {short[0][0]} gives {short[0][1]} tokens; give at least 32 a part "
+            f"({32 * PARTS_OF_ONE_TEXT} for one text: a few paragraphs) or raise --max-tokens"
+        )
+    return parts
 
 
 def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
@@ -281,7 +309,9 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
         f"Model: {files.config.family}, {sum(files.config.moe_layers)} MoE layers x "
         f"{files.config.num_experts} experts, top-{files.config.top_k}; shards "
         + ", ".join(f"{p} {files.manifest['types'][p]}" for p in files.precisions),
-        f"Calibration: {n_calib} tokens for routing, {n_held} held out for perplexity.",
+        f"Calibration: {n_calib} tokens for routing, {n_held} held out for perplexity, from "
+        + ", ".join(f"{k} ({v})" for k, v in fitted["calibration"]["parts"].items())
+        + f" in {fitted['calibration']['source']}.",
         "",
         "## Device",
         f"- direct-read bandwidth (best): {device.get('best_direct_gbps') or 0:.2f} GB/s"
