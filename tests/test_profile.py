@@ -184,6 +184,8 @@ def test_fitted_thresholds_are_per_expert_and_validated(profiled):
         assert (len(r["t1"]), len(r["t1"][0])) == (len(r["t2"]), len(r["t2"][0])) == shape
         rt = hobbit_tools.load(d / "model")
         assert rt.info["policy"] == "tuned"
+        out = rt.generate("Once upon a time", max_new_tokens=6, seed=0)
+        assert sum(out.stats["share"].values()) > 0.99  # served under per-expert thresholds
     else:
         assert all(t["index"] is None for t in f["threshold_rounds"])
     s = val["speed"]
