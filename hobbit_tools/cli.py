@@ -624,7 +624,8 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
 @click.option(
     "--calibration",
     type=click.Path(path_type=str),
-    help="Calibration text (default: a bundled public-domain excerpt).",
+    help="Calibration text: a file (cut into 4 parts) or a dir of .txt files, one part each "
+    "(default: the bundled set of four genres).",
 )
 @click.option(
     "--memory",
@@ -634,7 +635,10 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
 @click.option(
     "--ppl-budget", type=float, help="Allowed perplexity increase over all-high (default 0.01)."
 )
-@click.option("--max-tokens", type=int, help="Calibration tokens at most (default 2048).")
+@click.option(
+    "--max-tokens", type=int, help="Calibration tokens at most, over all parts (default 4096)."
+)
+@click.option("--threads", type=click.IntRange(1, 256), help="Torch threads while profiling.")
 @click.option(
     "--recipe",
     help="Preset (a name in recipes/ or a TOML path) giving profile settings; flags win.",
@@ -650,7 +654,7 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
     "--json", "as_json", is_flag=True, help="Print everything measured and chosen as JSON."
 )
 def profile_cmd(
-    model_dir, calibration, memory, ppl_budget, max_tokens, recipe, quick, out, as_json
+    model_dir, calibration, memory, ppl_budget, max_tokens, threads, recipe, quick, out, as_json
 ) -> None:
     """Measure this device and MODEL_DIR on calibration text, fit the runtime's knobs
     (thresholds, prefetch depth, cache policy and weights, budget) and write a tuned config
@@ -664,7 +668,8 @@ def profile_cmd(
         calibration=calibration or preset.get("calibration"),
         memory=memory or preset.get("memory"),
         ppl_budget=ppl_budget if ppl_budget is not None else preset.get("ppl_budget", 0.01),
-        max_tokens=max_tokens or preset.get("max_tokens", 2048),
+        max_tokens=max_tokens or preset.get("max_tokens", 4096),
+        threads=threads or preset.get("threads"),
         quick=quick,
         out=out,
         say=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),

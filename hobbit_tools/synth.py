@@ -72,7 +72,7 @@ class ShardedSafetensors:
 
 
 def bpe_tokenizer(vocab_size: int) -> dict:
-    """A byte-level BPE trained on the packaged calibration text (Wizard of Oz), at most
+    """A byte-level BPE trained on the packaged calibration prose (Hardy), at most
     `vocab_size` tokens (2048 at most), with <s> and </s>: real merges, so that llama.cpp
     loads a synth model's split and the two can be raced on the same bytes."""
     from importlib.resources import files
@@ -89,7 +89,7 @@ def bpe_tokenizer(vocab_size: int) -> dict:
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    text = (files("hobbit_tools.profile") / "calibration.txt").read_text(encoding="utf-8")
+    text = (files("hobbit_tools.profile") / "calibration" / "prose.txt").read_text(encoding="utf-8")
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return json.loads(tok.to_str())

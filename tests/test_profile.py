@@ -10,77 +10,121 @@ from tiny_models import prepared_pair, quantizable
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
 from hobbit_tools.profile.fit import (
-    T_GRID,
-    expected_cost,
+    bisect_front,
+    expert_choice,
+    expert_front,
+    expert_tables,
     fit_prefetch_depth,
-    fit_thresholds,
     weight_grid,
 )
-from hobbit_tools.profile.profiler import profile
+from hobbit_tools.profile.profiler import calibration_parts, profile
 
 SHAPE = quantizable(num_experts_per_tok=3)
+COST = {"high": 1.0, "low": 0.4}
 
 
-def synthetic_weights(n=4000, seed=0):
+def synthetic_stats(sensitive=(0, 1), n=3000, experts=4, seed=0):
+    """One MoE layer (index 1 of 2), top-2 over `experts`; skipping or taking the low copy
+    of a `sensitive` expert costs 100x the error it costs the others."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.rand(n, 3, generator=g) ** 3
-    return {0: w / w.sum(-1, keepdim=True)}
+    ids = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(n)])
+    w = torch.rand(n, 2, generator=g) + 0.05
+    w = w / w.sum(-1, keepdim=True)
+    big = torch.zeros(experts)
+    big[list(sensitive)] = 1.0
+    scale = 0.01 + big[ids]  # [n, 2]
+    return {1: (ids, w, 0.3 * scale * w, scale * w)}
 
 
-def test_fit_recovers_known_thresholds():
-    """A synthetic model whose perplexity breaks when T1 < 0.4 or T2 < 0.7: the fit must
-    land exactly on that corner, the cheapest admissible point."""
-
-    def evaluate(t1, t2):
-        return 10.0 * (1.2 if t1 < 0.4 or t2 < 0.7 else 1.0)
-
-    def proxy(t1, t2):  # an error estimate that rises as the thresholds fall, as ppl does
-        return (1 - t1) + 2 * (1 - t2)
-
-    cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3, "skip": 0.0})
-    fit = fit_thresholds(evaluate, cost, proxy, base_ppl=10.0, budget=0.01)
-    assert (fit["t1"], fit["t2"]) == (0.4, 0.7)
-    assert fit["cost"] < cost(1.0, 1.0)
-    # bisection over the front: a handful of end-to-end runs instead of one per candidate
-    assert len(fit["tried"]) <= 8 < fit["candidates"]
+def tables_of(stats, **kw):
+    return expert_tables(stats, COST, (2, 4), **kw)
 
 
-def test_fit_bisection_finds_the_cheapest_pair_the_sequential_scan_finds():
-    """On a model whose perplexity is a function of the error estimate, bisecting the front
-    lands where trying every candidate from the cheapest up would."""
-    cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3, "skip": 0.0})
-    err = expected_cost(synthetic_weights(seed=1), {"high": 0.0, "low": 0.2, "skip": 1.0})
-    for limit in (0.05, 0.2, 0.5, 1.0):
-
-        def evaluate(t1, t2, limit=limit):
-            return 10.0 * (1.0 + 0.01 * err(t1, t2) / limit)
-
-        fit = fit_thresholds(evaluate, cost, err, base_ppl=10.0, budget=0.01)
-        pairs = [(a, b) for a in T_GRID for b in T_GRID if b >= a]
-        scan = min(
-            (p for p in pairs if evaluate(*p) <= 10.0 * 1.01),
-            key=lambda t: (cost(*t), -t[0], -t[1]),
-        )
-        assert (fit["t1"], fit["t2"]) == scan
+def test_sensitive_experts_stay_high_and_insensitive_ones_go_first():
+    tables = tables_of(synthetic_stats())
+    front = expert_front(tables)
+    assert len(front) > 3
+    # somewhere along the front the insensitive experts are skipped or low while the
+    # sensitive ones are still all high: the fit spends error where it costs least
+    split = [
+        p
+        for p in front
+        if bool((p["t2"][1, 2:] < 1).all()) and bool((p["t1"][1, :2] >= 1).all())
+        and bool((p["t2"][1, :2] >= 1).all())
+    ]  # fmt: skip
+    assert split, [(p["t1"][1].tolist(), p["t2"][1].tolist()) for p in front]
+    assert bool((front[0]["t1"][0] == 1).all())  # the dense layer's row is untouched
 
 
-def test_fit_keeps_all_high_when_nothing_meets_the_budget():
-    cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.3})
-    fit = fit_thresholds(
-        lambda a, b: 11.0 if (a, b) != (1.0, 1.0) else 10.0,
-        cost,
-        lambda a, b: 2 - a - b,
-        10.0,
-        max_evals=100,
-    )
-    assert (fit["t1"], fit["t2"]) == (1.0, 1.0)
+def test_per_expert_choice_is_never_worse_than_any_global_pair():
+    """At every price of error, the per-expert choice's cost + lam * error is at most that of
+    every single (T1, T2) applied to all experts (each is one of its options)."""
+    tables = tables_of(synthetic_stats(sensitive=(2,)))
+    for lam in (1e-2, 1.0, 30.0, 1e3, 1e5):
+        p = expert_choice(tables, lam)
+        mine = p["cost"] + lam * p["proxy"]
+        for i in range(len(tables.pairs)):
+            c = float(tables.cost[1][i].sum()) / tables.tokens
+            r = float(tables.err[1][i].sum()) / tables.tokens
+            assert mine <= c + lam * r + 1e-9
 
 
-def test_expected_cost_falls_with_lower_thresholds():
-    cost = expected_cost(synthetic_weights(), {"high": 1.0, "low": 0.25, "skip": 0.0})
-    assert cost(1.0, 1.0) == pytest.approx(3.0)  # three experts a token, all high
-    assert cost(0.0, 0.0) == pytest.approx(1.0)  # only the top-1 (s = 0) is kept
-    assert cost(1.0, 1.0) > cost(0.6, 1.0) > cost(0.6, 0.9)
+def test_front_trades_cost_for_error():
+    front = expert_front(tables_of(synthetic_stats()))
+    costs = [p["cost"] for p in front]
+    errs = [p["proxy"] for p in front]
+    assert costs == sorted(costs)
+    assert all(a >= b - 1e-12 for a, b in zip(errs, errs[1:], strict=False))
+    all_high = 2.0  # two experts a token, each a high miss of cost 1
+    assert costs[-1] < all_high and costs[0] < costs[-1]
+
+
+def test_without_a_paying_low_copy_only_skipping_is_fitted():
+    front = expert_front(tables_of(synthetic_stats(), low=False))
+    assert all(bool((p["t1"] == p["t2"]).all()) for p in front)
+
+
+def test_a_rarely_selected_expert_is_judged_by_its_layer():
+    """An expert seen twice with a huge error: its error per selection is pulled towards the
+    layer's, not taken at face value."""
+    ids, w, lo, sk = synthetic_stats(sensitive=())[1]
+    ids = ids.clone() % 3  # experts 0..2 only
+    ids[:2, 1] = 3  # expert 3: selected twice, second slot
+    sk = sk.clone()
+    sk[:2, 1] = 100.0
+    tables = expert_tables({1: (ids, w, lo, sk)}, COST, (2, 4), shrink=16.0)
+    skip_all = tables.pairs.index((0.5, 0.5))
+    per_sel = tables.err[1][skip_all] / tables.n[1].clamp_min(1)
+    assert per_sel[3] < 100.0**2 * 2 / 18 + 1e-6 < 100.0**2
+
+
+def test_bisection_finds_the_first_point_that_meets_in_few_runs():
+    front = list(range(40))
+    for first in (0, 7, 23, 39, 40):
+        best, tried = bisect_front(front, lambda p, f=first: (p >= f, {}), max_evals=8)
+        assert best == (first if first < 40 else None)
+        assert len(tried) <= 6
+
+
+def test_calibration_parts(tmp_path):
+    class Chars:  # a tokenizer of one token a character
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    default = calibration_parts(None, Chars(), 4000)
+    assert [n for n, _ in default] == ["dialogue", "encyclopaedic", "prose", "verse"]
+    assert all(len(ids) == 1000 for _, ids in default)
+    one = tmp_path / "mine.txt"
+    one.write_text("word " * 400)
+    parts = calibration_parts(one, Chars(), 1000)
+    assert [len(ids) for _, ids in parts] == [250] * 4 and parts[0][0] == "mine[1/4]"
+    one.write_text("too short")
+    with pytest.raises(HobbitError, match="gives 2 tokens"):
+        calibration_parts(one, Chars(), 1000)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HobbitError, match="holds no .txt files"):
+        calibration_parts(empty, Chars(), 1000)
 
 
 def test_prefetch_depth_from_recall():
@@ -98,8 +142,9 @@ def profiled(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("profiled")
     prepared_pair(d, tokenizer_dir, **SHAPE)
     result = profile(
-        d / "model", memory="50%", max_tokens=600, window=128, trace_tokens=48, quick=True
-    )
+        d / "model", memory="50%", max_tokens=600, window=128, trace_tokens=48, quick=True,
+        threads=1,
+    )  # fmt: skip
     return d, result
 
 
@@ -125,13 +170,64 @@ def test_profile_writes_config_and_report(profiled):
     assert result["device"]["ram_gbps"] > 0
 
 
-def test_fitted_thresholds_meet_the_perplexity_budget(profiled):
-    _, result = profiled
-    f = result["fitted"]
-    th = f["thresholds"]
-    assert th["ppl"] <= f["base_ppl"] * 1.01 + 1e-9
-    chosen = [t for t in th["tried"] if (t["t1"], t["t2"]) == (th["t1"], th["t2"])]
-    assert chosen or (th["t1"], th["t2"]) == (1.0, 1.0)
+def test_fitted_thresholds_are_per_expert_and_validated(profiled):
+    d, result = profiled
+    f, r = result["fitted"], result["runtime"]
+    val = f["validation"]
+    assert set(val["parts"]) == {"dialogue", "encyclopaedic", "prose", "verse"}
+    assert val["worst_ratio"] == max(p["ratio"] for p in val["parts"].values())
+    if r["dynamic_precision"]:
+        # held within the budget less the margin on every held-out piece, decoded
+        assert val["worst_ratio"] <= 1 + 0.01 * 0.75 + 1e-9
+        cfg = hobbit_tools.runtime.loader.ModelFiles(d / "model").config
+        shape = (cfg.num_layers, cfg.num_experts)
+        assert (len(r["t1"]), len(r["t1"][0])) == (len(r["t2"]), len(r["t2"][0])) == shape
+        rt = hobbit_tools.load(d / "model")
+        assert rt.info["policy"] == "tuned"
+        out = rt.generate("Once upon a time", max_new_tokens=6, seed=0)
+        assert sum(out.stats["share"].values()) > 0.99  # served under per-expert thresholds
+    else:
+        assert all(t["index"] is None for t in f["threshold_rounds"])
+    s = val["speed"]
+    assert s["tuned_tok_s"] > 0 and s["lru_tok_s"] > 0 and s["lru_bytes_per_token"] > 0
+    report = (d / "model" / "profile-report.md").read_text()
+    assert "## What the budget bought" in report and "(worst)" in report
+
+
+@pytest.mark.slow
+def test_a_fit_the_held_out_pieces_reject_is_redone_with_less_allowance(
+    profiled, tmp_path, monkeypatch
+):
+    """Validation is what decides: held-out pieces that rise past the budget less the margin
+    make the profile fit again with a smaller allowance, and fall back to all-high when no
+    fit holds."""
+    import hobbit_tools.profile.profiler as prof
+
+    d, _ = profiled
+    real = prof._validate
+    calls = []
+
+    def failing(model, files, dtype, budget, chosen, held, base, names):
+        out = real(model, files, dtype, budget, chosen, held, base, names)
+        calls.append(chosen.dynamic_precision)
+        if chosen.dynamic_precision:
+            out["worst_ratio"] = 1.5  # past 1 + 0.2 * (1 - margin)
+        return out
+
+    monkeypatch.setattr(prof, "_validate", failing)
+    monkeypatch.setattr(prof, "fit_prefetch_depth", lambda recall: 0)
+    result = profile(
+        d / "model", memory="50%", max_tokens=400, window=64, trace_tokens=16, quick=True,
+        ppl_budget=0.2, threads=1, out=tmp_path / "cfg.json",
+    )  # fmt: skip
+    rounds = result["fitted"]["threshold_rounds"]
+    assert result["runtime"]["dynamic_precision"] is False
+    assert result["runtime"]["t1"] == result["runtime"]["t2"] == 1.0
+    fitted = [r for r in rounds if r["index"] is not None]
+    assert fitted, rounds  # a 20% budget admits some fit on the first round
+    shares = [r["share"] for r in rounds]
+    assert shares == sorted(shares, reverse=True) and shares[-1] < shares[0]
+    assert calls[-1] is False  # the all-high fallback is what was validated last
 
 
 @pytest.mark.parametrize("faster", [True, False])
@@ -140,8 +236,8 @@ def test_prefetch_is_kept_only_where_it_is_measured_faster(profiled, tmp_path, m
 
     d, _ = profiled
 
-    def timed(files, dtype, budget, chosen, depth, ids):
-        assert chosen.prefetch_depth == 0 and depth >= 1  # the fitted strategy, both ways
+    def timed(model, files, dtype, budget, chosen, depth, ids):
+        assert chosen.name == "tuned" and depth >= 1  # the fitted strategy, timed both ways
         return {"depth": depth, "tokens": len(ids), "with_s": 1.0 if faster else 1.2,
                 "without_s": 1.1}  # fmt: skip
 
@@ -149,7 +245,14 @@ def test_prefetch_is_kept_only_where_it_is_measured_faster(profiled, tmp_path, m
     monkeypatch.setattr(prof, "fit_prefetch_depth", lambda recall: 1)
     out = tmp_path / "cfg.json"
     result = profile(
-        d / "model", memory="50%", max_tokens=300, window=128, trace_tokens=16, quick=True, out=out
+        d / "model",
+        memory="50%",
+        max_tokens=300,
+        window=128,
+        trace_tokens=16,
+        quick=True,
+        out=out,
+        threads=1,
     )
     assert result["runtime"]["prefetch_depth"] == (1 if faster else 0)
     report = out.with_name("profile-report.md").read_text()
@@ -210,7 +313,7 @@ def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled):
     files = ModelFiles(d / "model")
     model = build_model(files, None, torch.float32, 65)
     store = ExpertStore(files, ["high", "low"], torch.float32)
-    windows = Windows.of(list(range(5, 70)), list(range(100, 230)), 64)
+    windows = Windows.cut([list(range(5, 70)), list(range(100, 230))], 64)
     backend = LayerExperts(store, None)
     assert all(slots.n == 1 for slots in backend.slots.values())
     hs = walk(model, windows, backend)

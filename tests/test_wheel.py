@@ -42,7 +42,11 @@ def test_wheel_install_runs_the_demo(tmp_path):
     for want in (
         "hobbit_tools/recipes/demo.toml",
         "hobbit_tools/recipes/mixtral.toml",
-        "hobbit_tools/profile/calibration.txt",
+        *(
+            f"hobbit_tools/profile/calibration/{g}.txt"
+            for g in ("prose", "dialogue", "verse", "encyclopaedic")
+        ),
+        "hobbit_tools/profile/calibration/SOURCES.md",
         "hobbit_tools/demo/checkpoint/config.json",
     ):
         assert want in names, f"the wheel lacks {want}"

@@ -76,4 +76,4 @@ def _profile_settings() -> dict:
     from ..recipes import load_recipe
 
     settings = load_recipe("demo", "profile")
-    return {k: settings[k] for k in ("ppl_budget", "max_tokens") if k in settings}
+    return {k: settings[k] for k in ("ppl_budget", "max_tokens", "threads") if k in settings}

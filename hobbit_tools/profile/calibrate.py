@@ -10,7 +10,8 @@ so thresholds fitted with it hold whatever the cache happens to contain.
 
 An `Observer` records, in the same pass: routing, next-layer prediction recall, each
 expert's low-vs-high error, and per (token, slot) the error its low copy and its skipping
-would add, from which the fit ranks threshold candidates without running them.
+would add, from which the fit (`fit.expert_tables`) prices every expert's thresholds
+without running them.
 """
 
 from __future__ import annotations
@@ -32,35 +33,43 @@ LOGIT_ROWS = 32
 
 @dataclass
 class Windows:
-    """Token windows scored from an empty cache: inputs, and the next tokens as targets
-    (None for windows only routed)."""
+    """Token windows scored from an empty cache: inputs, the next tokens as targets, and
+    the calibration part each came from."""
 
     inputs: list[list[int]]
-    targets: list[list[int] | None]
+    targets: list[list[int]]
+    parts: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, routed: list[int], scored: list[int], window: int) -> Windows:
-        ins, tgts = [], []
-        for start in range(0, len(routed), window):
-            chunk = routed[start : start + window]
-            if len(chunk) > 1:
-                ins.append(chunk)
-                tgts.append(None)
-        for start in range(0, len(scored) - 1, window):
-            chunk = scored[start : start + window + 1]
-            if len(chunk) < 2:
-                break
-            ins.append(chunk[:-1])
-            tgts.append(chunk[1:])
-        return cls(ins, tgts)
+    def cut(cls, parts: list[list[int]], window: int) -> Windows:
+        """Each part's tokens cut into scored windows of `window` inputs (the last may be
+        shorter); no window spans two parts."""
+        ins, tgts, idx = [], [], []
+        for i, ids in enumerate(parts):
+            for start in range(0, len(ids) - 1, window):
+                chunk = ids[start : start + window + 1]
+                if len(chunk) < 2:
+                    break
+                ins.append(chunk[:-1])
+                tgts.append(chunk[1:])
+                idx.append(i)
+        return cls(ins, tgts, idx)
 
-    def scored(self) -> Windows:
-        keep = [i for i, t in enumerate(self.targets) if t is not None]
-        return Windows([self.inputs[i] for i in keep], [self.targets[i] for i in keep])
+    def __add__(self, other: Windows) -> Windows:
+        return Windows(
+            self.inputs + other.inputs, self.targets + other.targets, self.parts + other.parts
+        )
+
+    def select(self, keep: list[int]) -> Windows:
+        return Windows(
+            [self.inputs[i] for i in keep],
+            [self.targets[i] for i in keep],
+            [self.parts[i] for i in keep],
+        )
 
     @property
-    def routed_tokens(self) -> int:
-        return sum(len(x) for x, t in zip(self.inputs, self.targets, strict=True) if t is None)
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.inputs)
 
 
 class LayerExperts:
@@ -115,82 +124,80 @@ def walk(model, windows: Windows, backend: LayerExperts, label: str = "") -> lis
     return hs
 
 
-def perplexity(model, windows: Windows, hs: list[torch.Tensor]) -> float:
-    """exp(mean NLL) of the scored windows' targets from their final residuals."""
-    nll, n = 0.0, 0
+def part_ppl(model, windows: Windows, hs: list[torch.Tensor]) -> dict[int, float]:
+    """Per part: exp(mean NLL) of its windows' targets from their final residuals."""
+    nll: dict[int, list[float]] = {}
     with torch.inference_mode():
-        for h, target in zip(hs, windows.targets, strict=True):
-            if target is None:
-                continue
+        for h, target, part in zip(hs, windows.targets, windows.parts, strict=True):
+            acc = nll.setdefault(part, [0.0, 0])
             # a few rows at a time: a window's [T, vocab] float32 logits would be the
             # largest allocation of the whole profile (512 x 32k: 64 MiB, twice over)
             for start in range(0, len(target), LOGIT_ROWS):
                 rows = slice(start, start + LOGIT_ROWS)
-                logits = model.logits(h[rows])
-                nll += float(
+                acc[0] += float(
                     torch.nn.functional.cross_entropy(
-                        logits, torch.tensor(target[rows]), reduction="sum"
+                        model.logits(h[rows]), torch.tensor(target[rows]), reduction="sum"
                     )
                 )
-            n += len(target)
-    return math.exp(nll / n)
+            acc[1] += len(target)
+    return {part: math.exp(v / n) for part, (v, n) in sorted(nll.items())}
 
 
 @dataclass
 class Observer:
-    """What an all-high pass records. Rows [0, n_routed) are the routed (calibration)
-    tokens, the rest the scored (held-out) ones."""
+    """What an all-high pass records on the fitting tokens, rows [0, n_fit) of each layer's
+    input (the rest, held-out tokens, are only computed): routing, prediction recall, each
+    expert's low-vs-high error, and per (token, slot) the error its low copy and its
+    skipping would add, relative to the token's residual."""
 
-    n_routed: int
+    n_fit: int
     router_view: object | None = None  # RouterView, for prediction recall
     max_depth: int = 3
-    max_rows: int = 64  # per expert, for its low-vs-high error
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Tr, K]
+    ids: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, K]
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, K]
     sensitivity: dict[int, list[float]] = field(default_factory=dict)
-    e_low: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [Ts, K]
+    e_low: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, K]
     e_skip: dict[int, torch.Tensor] = field(default_factory=dict)
-    scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _predicted: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     _hits: dict[int, list[int]] = field(default_factory=dict)
 
     def forward(self, backend: LayerExperts, layer, x, ids, weights):
-        """All-high outputs; with a low shard, also each (token, slot)'s low output."""
-        n = self.n_routed
+        """All-high outputs; with a low shard, also each fitting (token, slot)'s low output."""
+        n = self.n_fit
         self._recall(layer, x[:n], ids[:n])
+        self.ids[layer] = ids[:n].clone()
         self.weights[layer] = weights[:n].clone()
-        self.scored[layer] = (ids[n:].clone(), weights[n:].clone())
         has_low = "low" in backend.store.p
         out = Combiner(x, weights)
         d_low = torch.zeros(ids.shape, dtype=torch.float32)
         size = torch.zeros(ids.shape, dtype=torch.float32)
-        errors = []
+        err = [float("nan")] * backend.store.files.config.num_experts
         for e, rows, slots in dispatch(ids):
             hi_out = backend.expert(layer, e, "high")(x[rows])
             out.parts[rows, slots] = hi_out * out.w[rows, slots, None]
             size[rows, slots] = hi_out.float().norm(dim=-1)
-            if not has_low:
+            fit = (rows < n).nonzero().flatten()
+            if not has_low or len(fit) == 0:
                 continue
-            # the low copy on the scored rows and the first max_rows routed ones only
-            cal = (rows < n).nonzero().flatten()[: self.max_rows]
-            need = torch.cat([cal, (rows >= n).nonzero().flatten()])
-            lo_out = backend.expert(layer, e, "low")(x[rows[need]]).float()
-            diff = lo_out - hi_out[need].float()
-            d_low[rows[need], slots[need]] = diff.norm(dim=-1)
-            if len(cal) == 0:
-                errors.append((e, float("nan")))
-                continue
-            hi = hi_out[cal].float()
-            errors.append((e, float(diff[: len(cal)].norm() / hi.norm().clamp_min(1e-12))))
+            lo_out = backend.expert(layer, e, "low")(x[rows[fit]]).float()
+            hi = hi_out[fit].float()
+            diff = lo_out - hi
+            d_low[rows[fit], slots[fit]] = diff.norm(dim=-1)
+            err[e] = float(diff.norm() / hi.norm().clamp_min(1e-12))
         if has_low:
-            err = [float("nan")] * backend.store.files.config.num_experts
-            for e, v in errors:
-                err[e] = v
             self.sensitivity[layer] = err
         # relative to the residual: what dropping a slot, or taking its low copy, moves
         scale = weights.float() / backend.resid_norm[:, None].clamp_min(1e-12)
-        self.e_low[layer] = (d_low * scale)[n:]
-        self.e_skip[layer] = (size * scale)[n:]
+        self.e_low[layer] = (d_low * scale)[:n]
+        self.e_skip[layer] = (size * scale)[:n]
         return out.result()
+
+    def stats(self) -> dict[int, tuple[torch.Tensor, ...]]:
+        """layer -> (ids, weights, e_low, e_skip) over the fitting tokens, for the fit."""
+        return {
+            layer: (self.ids[layer], self.weights[layer], self.e_low[layer], self.e_skip[layer])
+            for layer in self.ids
+        }
 
     def _recall(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> None:
         for d, p_ids in self._predicted.pop(layer, []):
@@ -211,17 +218,6 @@ class Observer:
         """Share of each layer's selected experts that the gate of that layer, fed the gate
         input of the layer d MoE layers before, predicts (top-k sets, per token)."""
         return {d: h / n for d, (h, n) in sorted(self._hits.items()) if n}
-
-    def proxy(self, rule: PrecisionRule) -> float:
-        """Mean over scored tokens of the squared relative error a rule adds, summed over
-        layers and slots: ranks candidates the way their perplexity would, cheaply."""
-        total = 0.0
-        for layer, (ids, weights) in self.scored.items():
-            lv = rule.levels(layer, ids, weights)
-            total += float((self.e_low[layer][lv == LOW] ** 2).sum())
-            total += float((self.e_skip[layer][lv == SKIP] ** 2).sum())
-        tokens = next(iter(self.scored.values()))[0].shape[0] if self.scored else 0
-        return total / max(tokens, 1)
 
 
 def score_histogram(weights: dict[int, torch.Tensor], bins: int = 10) -> dict[int, list[int]]:

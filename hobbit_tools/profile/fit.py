@@ -1,8 +1,9 @@
 """Fitting the runtime's knobs from measurements, instead of setting them by hand.
 
 Pure functions over callables and traces, so each is testable on synthetic data:
-- thresholds: the (T1, T2) with the lowest expected load cost whose perplexity stays within
-  the budget over all-high, ranked by a cheap error estimate and confirmed by few runs;
+- thresholds, per layer and expert: each expert's (T1, T2) priced by what it would cost to
+  load and the error it would add (both measured, weighted by how often it is selected);
+  a front of assignments from cheapest to all-high, bisected with end-to-end runs;
 - cache: the eviction policy, HOBBIT's priority weights and the high/low split with the
   lowest miss penalty on a replayed routing trace;
 - prefetch depth: the deepest look-ahead whose prediction recall is still worth a read.
@@ -13,77 +14,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..runtime.precision import LOW, SKIP, PrecisionRule
+from ..runtime.precision import PrecisionRule, unimportance
 from ..runtime.replay import Requests, replay, requests
 
 # finer above 0.5, where the scores of every expert after a top-2 model's first one lie
 T_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
-
-
-def expected_cost(weights_by_layer: dict[int, torch.Tensor], cost: dict[str, float]) -> Callable:
-    """Mean cost per (token, layer) of loading every selected expert at the level a rule
-    gives it (as if all were misses); cost per level name: e.g. seconds to read + compute."""
-
-    def f(t1: float, t2: float) -> float:
-        rule, total, n = PrecisionRule(t1, t2), 0.0, 0
-        for layer, w in weights_by_layer.items():
-            ids = torch.zeros_like(w, dtype=torch.long)
-            lv = rule.levels(layer, ids, w)
-            total += cost["high"] * float((lv == 0).sum()) + cost["low"] * float((lv == LOW).sum())
-            total += cost.get("skip", 0.0) * float((lv == SKIP).sum())
-            n += w.shape[0]
-        return total / max(n, 1)
-
-    return f
-
-
-def fit_thresholds(
-    evaluate: Callable[[float, float], float],
-    cost: Callable[[float, float], float],
-    proxy: Callable[[float, float], float],
-    base_ppl: float,
-    budget: float = 0.01,
-    grid: tuple[float, ...] = T_GRID,
-    max_evals: int = 8,
-) -> dict:
-    """Cheapest (T1, T2) with evaluate(T1, T2) <= base_ppl * (1 + budget), evaluating few.
-
-    `proxy` is a cheap estimate of the error a pair adds, rising with perplexity. Only the
-    pairs no cheaper pair beats on it can be the answer (a cheaper pair with less error
-    would meet the budget first): along that front, cost rises while the error falls, so
-    the budget is met from some point on, found by bisection with `evaluate` (the end-to-end
-    check) in about log2(front) runs. T2 = 1.0 never skips (unimportance is always below 1)
-    and T1 = T2 = 1.0 is all-high, which meets the budget by definition."""
-    candidates = sorted(
-        ((t1, t2) for t1 in grid for t2 in grid if t2 >= t1 and (t1, t2) != (1.0, 1.0)),
-        key=lambda t: (cost(*t), -t[0], -t[1]),
-    )
-    front, least = [], math.inf
-    for t in candidates:
-        p = proxy(*t)
-        if p < least:
-            front.append((t, p))
-            least = p
-    limit = base_ppl * (1 + budget)
-    tried: list[dict] = []
-    lo, hi, best = -1, len(front), None  # front[lo] fails, front[hi] meets (len: all-high)
-    while hi - lo > 1 and len(tried) < max_evals:
-        mid = (lo + hi) // 2
-        (t1, t2), p = front[mid]
-        ppl = evaluate(t1, t2)
-        tried.append({"t1": t1, "t2": t2, "ppl": ppl, "cost": cost(t1, t2), "proxy": p})
-        if ppl <= limit:
-            hi, best = mid, tried[-1]
-        else:
-            lo = mid
-    common = {"limit": limit, "tried": tried, "candidates": len(candidates), "front": len(front)}
-    if best is None:
-        return {"t1": 1.0, "t2": 1.0, "ppl": base_ppl, "cost": cost(1.0, 1.0), **common}
-    return {k: best[k] for k in ("t1", "t2", "ppl", "cost")} | common
 
 
 def weight_grid(step: float = 0.2) -> list[tuple[float, float, float, float]]:
@@ -225,3 +165,135 @@ def fit_prefetch_depth(
         else:
             break
     return depth
+
+
+# --------------------------------------------------------------------------- per expert
+
+
+@dataclass
+class ExpertTables:
+    """What each threshold pair would cost and add in error, per layer and expert.
+
+    pairs [P] (t1, t2), all-high first; per MoE layer: cost [P, E] (load cost summed over
+    the expert's selections, as if each were a miss), err [P, E] (the error estimate summed
+    the same way, shrunk towards the layer's mean per selection) and n [E] (selections).
+    """
+
+    pairs: list[tuple[float, float]]
+    cost: dict[int, torch.Tensor]
+    err: dict[int, torch.Tensor]
+    n: dict[int, torch.Tensor]
+    tokens: int
+    shape: tuple[int, int]  # [layers, experts] of the threshold tensors
+
+
+def expert_tables(
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    level_cost: dict[str, float],
+    shape: tuple[int, int],
+    grid: tuple[float, ...] = T_GRID,
+    shrink: float = 16.0,
+    low: bool = True,
+) -> ExpertTables:
+    """stats: layer -> (ids, weights, e_low, e_skip), each [T, K] over the fitting tokens:
+    the experts selected, their routing weights, and the error their low copy and their
+    skipping would add (squared here). An expert selected n times has its error per
+    selection averaged with its layer's, weighted n : shrink, so a rarely selected expert
+    is judged mostly by its layer until it has been seen often. low=False: only pairs with
+    T1 = T2 (no low band: where a low copy costs more than it saves)."""
+    pairs = sorted(
+        ((a, b) for a in grid for b in grid if (b > a and low) or b == a),
+        key=lambda t: (-t[0], -t[1]),
+    )
+    cost, err, count, tokens = {}, {}, {}, 0
+    for layer, (ids, weights, e_low, e_skip) in stats.items():
+        s = unimportance(weights)
+        e = shape[1]
+        ids, lo2, sk2 = ids.flatten(), e_low.flatten().double() ** 2, e_skip.flatten().double() ** 2
+        n = torch.zeros(e, dtype=torch.float64).index_add_(0, ids, torch.ones_like(lo2))
+        c = torch.zeros(len(pairs), e, dtype=torch.float64)
+        r = torch.zeros_like(c)
+        s = s.flatten()
+        for i, (a, b) in enumerate(pairs):
+            high = s <= (math.inf if a >= 1.0 else a)
+            skip = s > (math.inf if b >= 1.0 else b)
+            low_band = ~high & ~skip
+            each = (
+                level_cost["high"] * high
+                + level_cost.get("low", 0.0) * low_band
+                + level_cost.get("skip", 0.0) * skip
+            )
+            c[i].index_add_(0, ids, each.double())
+            r[i].index_add_(0, ids, lo2 * low_band + sk2 * skip)
+        pooled = r.sum(1, keepdim=True) / n.sum().clamp_min(1.0)  # [P, 1] per selection
+        err[layer] = n * (r + shrink * pooled) / (n + shrink)
+        cost[layer], count[layer] = c, n
+        tokens = weights.shape[0]
+    return ExpertTables(pairs, cost, err, count, tokens, shape)
+
+
+def expert_choice(tables: ExpertTables, lam: float) -> dict:
+    """Per expert the pair minimising cost + lam * err (ties to the safer, higher pair):
+    the [L, E] thresholds, their total cost per token and error estimate."""
+    t1 = torch.ones(tables.shape, dtype=torch.float32)
+    t2 = torch.ones(tables.shape, dtype=torch.float32)
+    pairs = torch.tensor(tables.pairs, dtype=torch.float32)
+    total_cost = total_err = 0.0
+    for layer, c in tables.cost.items():
+        r = tables.err[layer]
+        best = torch.argmin(c + lam * r, dim=0)  # [E]; argmin takes the first (safest) tie
+        t1[layer], t2[layer] = pairs[best, 0], pairs[best, 1]
+        cols = torch.arange(c.shape[1])
+        total_cost += float(c[best, cols].sum())
+        total_err += float(r[best, cols].sum())
+    n = max(tables.tokens, 1)
+    return {"t1": t1, "t2": t2, "cost": total_cost / n, "proxy": total_err / n, "lambda": lam}
+
+
+def expert_front(tables: ExpertTables, points: int = 48) -> list[dict]:
+    """Per-expert threshold choices from cheapest to all-high as the price of error, lam,
+    rises over a log grid wide enough to span both ends: each point is the cheapest
+    assignment for its error (the Lagrangian of the separable per-expert problem), so cost
+    rises and the error estimate falls along the list. Duplicates dropped; all-high itself
+    is not listed (it meets any budget)."""
+    c_all = sum(float(c[0].sum()) for c in tables.cost.values())  # pair 0 is all-high
+    e_all = sum(float(r.max(0).values.sum()) for r in tables.err.values())
+    scale = c_all / e_all if e_all > 0 else 1.0
+    front, seen = [], set()
+    for lam in np.geomspace(scale * 1e-4, scale * 1e6, points):
+        p = expert_choice(tables, float(lam))
+        key = (p["t1"].numpy().tobytes(), p["t2"].numpy().tobytes())
+        if key in seen or bool((p["t1"] >= 1.0).all() and (p["t2"] >= 1.0).all()):
+            continue
+        seen.add(key)
+        front.append(p)
+    front.sort(key=lambda p: (p["cost"], -p["proxy"]))
+    return front
+
+
+def bisect_front(
+    front: list, meets: Callable[[object], tuple[bool, dict]], max_evals: int = 8
+) -> tuple[int | None, list[dict]]:
+    """The cheapest point of `front` (sorted by cost, error estimate falling) that `meets`
+    the budget, found by bisection assuming the budget, once met, stays met further along:
+    (its index, or None for all-high; what every call of `meets` reported)."""
+    tried: list[dict] = []
+    lo, hi, best = -1, len(front), None  # front[lo] fails, front[hi] meets (len: all-high)
+    while hi - lo > 1 and len(tried) < max_evals:
+        mid = (lo + hi) // 2
+        ok, info = meets(front[mid])
+        tried.append({"index": mid, "ok": ok, **info})
+        if ok:
+            hi, best = mid, mid
+        else:
+            lo = mid
+    return best, tried
+
+
+def spread(t1: torch.Tensor, t2: torch.Tensor, moe_layers: list[int]) -> dict:
+    """Per MoE layer: min, median and max over experts of T1 and of T2."""
+
+    def mmm(t):
+        return [round(float(t.min()), 3), round(float(t.median()), 3), round(float(t.max()), 3)]
+
+    return {layer: {"t1": mmm(t1[layer]), "t2": mmm(t2[layer])} for layer in moe_layers}

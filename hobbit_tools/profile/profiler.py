@@ -3,25 +3,33 @@ tuned config and a report next to the shards.
 
 Steps (each reported):
 1. device: direct/buffered read bandwidth of the disk holding the shards, RAM bandwidth,
-   host-to-GPU where CUDA exists, expert kernel time per shard type at this model's shapes;
-2. model, on calibration text (default: a bundled public-domain excerpt), one layer at a time
-   (calibrate.py: never more than one expert per precision in memory): routing per layer,
-   unimportance-score histograms, each expert's low-vs-high output error, next-layer
-   prediction recall per depth, the error each (token, slot) would take at low precision or
-   skipped; a held-out part of the text for perplexity;
-3. fit: T1/T2 with the lowest expected load cost whose held-out perplexity stays within the
-   budget over all-high (candidates ranked by their estimated error, a few confirmed by
-   layer-by-layer runs); prefetch depth from recall; the memory budget if none was given
-   (what this process may use, read before anything large is loaded: budget.py);
-   cache policy, HOBBIT weights and high/low split by replaying a decode trace; then
-   prefetch is kept only if decoding with it is measured faster than without;
-4. write hobbit-config.json and profile-report.md.
+   host-to-GPU where CUDA exists, expert kernel time per shard type at this model's shapes,
+   and what loading one expert of each precision costs through the runtime's own store;
+2. model, on a calibration set (default: four short texts of different genres,
+   calibration/SOURCES.md), each part cut into a fitting piece and a held-out piece, one
+   layer at a time (calibrate.py: never more than one expert per precision in memory):
+   routing per layer, unimportance-score histograms, each expert's low-vs-high output
+   error, next-layer prediction recall per depth, the error each fitting (token, slot)
+   would take at low precision or skipped;
+3. fit: thresholds per layer and expert (fit.py: each expert's pair priced by its load cost
+   and the error it adds, weighted by how often it is selected), the cheapest assignment
+   whose perplexity on every fitting piece stays within a share of the budget over
+   all-high (layer-by-layer runs, every expert a miss); prefetch depth from recall; the
+   memory budget if none was given (what this process may use, read before anything large
+   is loaded: budget.py); cache policy, HOBBIT weights and high/low split by replaying a
+   decode trace; prefetch kept only if decoding with it is measured faster than without;
+4. validation: the whole chosen config decoded one token at a time under the budget (the
+   offloaded runtime, as `hobbit run` runs it) on every held-out piece; if the worst of
+   them is not within the budget less a margin, the fit's share is cut in proportion and
+   the fit redone; lru decodes the same windows, for the speed and bytes the budget bought;
+5. write hobbit-config.json and profile-report.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import statistics
 import time
 from pathlib import Path
@@ -35,17 +43,25 @@ from ..runtime.generate import peak_rss_bytes
 from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
 from ..runtime.offload import RouterView
 from ..runtime.precision import PrecisionRule
-from ..runtime.store import ExpertStore
+from ..runtime.store import ExpertStore, SlotArena
 from ..runtime.strategy import Strategy, build_backend, default_memory
-from .calibrate import LayerExperts, Observer, Windows, perplexity, score_histogram, walk
+from .calibrate import LayerExperts, Observer, Windows, part_ppl, score_histogram, walk
 from .config import config_path, shard_digests, write_config
-from .fit import expected_cost, fit_cache, fit_prefetch_depth, fit_thresholds
+from .fit import bisect_front, expert_front, expert_tables, fit_cache, fit_prefetch_depth, spread
 
-DEFAULT_TEXT = Path(__file__).with_name("calibration.txt")
+DEFAULT_SET = Path(__file__).with_name("calibration")  # one text per genre: SOURCES.md
+PARTS_OF_ONE_TEXT = 4  # a single calibration file is cut into this many parts
+FIT_PART = 0.6  # of each part's tokens, fitted on; the rest is held out
 # the context a tuned budget leaves KV room for (`hobbit run` sizes its KV to the prompt and
 # -n; a longer run under the same limit takes its KV out of this budget: runtime/__init__.py)
 PLANNED_CONTEXT = 1024
-FIT_SHARE = 0.5  # of the perplexity budget the thresholds may spend on the calibration text
+# The thresholds may spend this share of the budget on the fitting pieces (every expert a
+# miss there); the held-out pieces, decoded as `hobbit run` decodes (a cached low copy
+# also serves tokens that wanted high), must stay within the budget less MARGIN of it, the
+# room kept for text nobody measured (the genres differ by about that much: docs/benchmarks.md).
+FIT_SHARE = 0.5
+MARGIN = 0.25
+FIT_ROUNDS = 3  # fits tried before the thresholds fall back to all-high
 PREFETCH_MIN_GAIN = 0.97  # prefetch is kept if it decodes in at most 97% of the time without
 REPORT_FILE = "profile-report.md"
 
@@ -56,21 +72,39 @@ def profile(
     calibration: str | Path | None = None,
     memory: int | str | None = None,
     ppl_budget: float = 0.01,
-    max_tokens: int = 2048,
+    max_tokens: int = 4096,
     window: int = 256,
     trace_tokens: int = 192,
     quick: bool = False,
+    threads: int | None = None,
     out: str | Path | None = None,
     say=lambda msg: None,
 ) -> dict:
     """Profile `model_dir`; writes the tuned config (to `out`, default next to the shards)
-    and a report beside it; returns the config with everything measured."""
+    and a report beside it; returns the config with everything measured. `threads`: torch's
+    compute threads while profiling (default: as set; 1 suits a small model on a busy
+    machine, where a parallel region waits for any descheduled thread)."""
+    validate.bounded("ppl_budget", ppl_budget, 0.0, 10.0)
+    validate.bounded("max_tokens", max_tokens, 64, integer=True)
+    before = torch.get_num_threads()
+    if threads:
+        validate.bounded("threads", threads, 1, 256, integer=True)
+        torch.set_num_threads(threads)
+    try:
+        return _profile(
+            model_dir, calibration, memory, ppl_budget, max_tokens, window, trace_tokens,
+            quick, out, say,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+def _profile(
+    model_dir, calibration, memory, ppl_budget, max_tokens, window, trace_tokens, quick, out, say
+) -> dict:
     from .device import fingerprint, profile_device
 
     t_start = time.perf_counter()
-    text = validate.utf8_text(calibration or DEFAULT_TEXT, "calibration text")
-    validate.bounded("ppl_budget", ppl_budget, 0.0, 10.0)
-    validate.bounded("max_tokens", max_tokens, 64, integer=True)
     files = ModelFiles(model_dir)
     cfg = files.config
     dtype = compute_dtype(files, None)
@@ -78,6 +112,7 @@ def profile(
     shard_paths = {
         p: files.dir / f"experts-{p}-{files.manifest['types'][p]}.gguf" for p in files.precisions
     }
+    parts = calibration_parts(calibration, tokenizer(files), max_tokens)
 
     # before anything large is loaded: what this process may use
     plan = default_memory(files, dtype, PLANNED_CONTEXT)
@@ -88,125 +123,136 @@ def profile(
             "raise the process's memory limit"
         )
 
-    say("1/4 measuring the device")
+    say("1/5 measuring the device")
     device = profile_device(shard_paths, shapes, quick=quick, max_bytes=budget + plan.floor)
-    bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
     trim()  # the probe's buffers
 
-    say("2/4 running the calibration text, one layer at a time")
-    text = (
-        Path(calibration or DEFAULT_TEXT)
-        .read_text(encoding="utf-8", errors="replace")
-        .replace("\r", "")
-    )
-    ids = tokenizer(files).encode(text)[:max_tokens]
-    if len(ids) < 64:
-        raise HobbitError(
-            f"the calibration text gives {len(ids)} tokens; give at least 64 (a few paragraphs)"
-        )
-    split = int(len(ids) * 0.6)
-    calib, held_out = ids[:split], ids[split:]
+    say("2/5 running the calibration set, one layer at a time")
+    names = [name for name, _ in parts]
+    cut = [max(2, int(len(ids) * FIT_PART)) for _, ids in parts]
+    fit_w = Windows.cut([ids[:c] for (_, ids), c in zip(parts, cut, strict=True)], window)
+    held_w = Windows.cut([ids[c:] for (_, ids), c in zip(parts, cut, strict=True)], window)
     has_low = "low" in files.precisions
-    model = build_model(files, None, dtype, window + 1)
+    model = build_model(files, None, dtype, max(window, trace_tokens) + 1)
     store = ExpertStore(files, files.precisions, dtype)
-    windows = Windows.of(calib, held_out, window)
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
-    observer = Observer(windows.routed_tokens, RouterView(routers, model.select))
-    final = walk(model, windows, LayerExperts(store, None, observer), "routing, errors")
-    base_ppl = perplexity(model, windows, final)
+    observer = Observer(fit_w.tokens, RouterView(routers, model.select))
+    final = walk(model, fit_w + held_w, LayerExperts(store, None, observer), "routing, errors")
+    n_fit = len(fit_w.inputs)
+    base_fit = part_ppl(model, fit_w, final[:n_fit])
+    base_held = part_ppl(model, held_w, final[n_fit:])
+    final = None
     recall = observer.recall()
 
-    say("3/4 fitting thresholds, prefetch depth, budget and cache")
-    kernels = device.get("kernels", {})
-    # a miss costs its read, its conversion after the read (none from a slot pack), and
-    # its compute
-    cost = {
-        p: store.p[p].load_bytes / (bandwidth * 1e9)
-        + (0.0 if store.p[p].pack else kernels.get(q.qtype, {}).get("convert_s", 0.0))
-        + kernels.get(q.qtype, {}).get("T1_s", 0.0)
-        for p, q in store.p.items()
+    say("3/5 fitting thresholds, prefetch depth, budget and cache")
+    cost = _load_costs(store, device, cfg)
+    fitted: dict = {
+        "base_ppl": _pooled(base_held, held_w),
+        "base_ppl_by_part": {names[i]: v for i, v in base_held.items()},
+        "prefetch_recall": recall,
+        "load_cost_s": cost,
+        "score_histogram": score_histogram(observer.weights),
     }
-    fitted: dict = {"base_ppl": base_ppl, "prefetch_recall": recall, "load_cost_s": cost}
-    t1 = t2 = 1.0
+    depth = fit_prefetch_depth(recall)
+    fitted["memory_source"] = "given" if memory is not None else plan.describe()
+    front, rounds = [], []
     if has_low:
         fitted["sensitivity"] = observer.sensitivity
         low_pays = cost["low"] < cost["high"]
         fitted["low_pays"] = low_pays
-        level_cost = {
-            "high": cost["high"],
-            "low": cost["low"] if low_pays else cost["high"],
-            "skip": 0.0,
-        }
-        scored = windows.scored()
-
-        def evaluate(a: float, b: float) -> float:
-            rule = LayerExperts(store, PrecisionRule(a, b))
-            return perplexity(model, scored, walk(model, scored, rule, f"T1={a} T2={b}"))
-
-        # Half the budget is held back for what calibration cannot see: at run time a cached
-        # low copy also serves later tokens that wanted high, and other text responds
-        # differently (measured: +0.55% here became +1.9% on a held-out book).
-        fit = fit_thresholds(
-            evaluate,
-            expected_cost(observer.weights, level_cost),
-            lambda a, b: observer.proxy(PrecisionRule(a, b)),
-            base_ppl,
-            ppl_budget * FIT_SHARE,
+        tables = expert_tables(
+            observer.stats(), cost, (cfg.num_layers, cfg.num_experts), low=low_pays
         )
-        t1, t2 = fit["t1"], fit["t2"]
-        if not low_pays:
-            t1 = t2  # a low copy costs more than it saves here: keep only the skip band
-        fitted["thresholds"] = fit
-    fitted["score_histogram"] = score_histogram(observer.weights)
-    depth = fit_prefetch_depth(recall)
-    fitted["memory_source"] = "given" if memory is not None else plan.describe()
-    store.close()
-    model = observer = final = None  # free the calibration state before the trace run
-    gc.collect()
-    trim()
+        front = expert_front(tables)
+    observer = None
 
-    dynamic = has_low and (t1 < 1.0 or t2 < 1.0)
-    rule = PrecisionRule(t1, t2) if dynamic else None
-    header, records = _decode_trace(
-        files, dtype, budget, dynamic, depth, t1, t2, calib[:trace_tokens]
-    )
-    cache = fit_cache(header, records, budget, rule, step=0.5 if quick else 0.25)
+    def fit_meets(allowed: float):
+        def meets(point) -> tuple[bool, dict]:
+            backend = LayerExperts(store, PrecisionRule(point["t1"], point["t2"]))
+            got = part_ppl(model, fit_w, walk(model, fit_w, backend, "thresholds"))
+            worst = max(got[i] / base_fit[i] for i in got)
+            info = {"worst_fit_ratio": worst, "cost": point["cost"], "proxy": point["proxy"]}
+            return worst <= 1 + allowed, info
+
+        return meets
+
+    share, trace, cache, timing, val = FIT_SHARE, None, None, None, None
+    chosen = None
+    for attempt in range(FIT_ROUNDS if front else 1):
+        point = None
+        if front:
+            index, tried = bisect_front(front, fit_meets(ppl_budget * share), max_evals=8)
+            point = front[index] if index is not None else None
+            rounds.append({"share": share, "tried": tried, "index": index, "front": len(front)})
+        rule = PrecisionRule(point["t1"], point["t2"]) if point is not None else None
+        if trace is None:  # the routing a decode run sees; levels are re-derived per rule
+            trace = _decode(model, files, dtype, budget, _trace_strategy(rule, depth),
+                            _trace_ids(fit_w, trace_tokens), trace=True)[1:]  # fmt: skip
+        cache = fit_cache(*trace, budget, rule, step=0.5 if quick else 0.25)
+        chosen = _strategy(cache["best"], rule, depth)
+        if depth and timing is None:
+            say("3/5 timing decode with and without prefetch")
+            ids = _trace_ids(fit_w, min(trace_tokens, 64 if quick else 128))
+            timing = _prefetch_timing(model, files, dtype, budget, chosen, depth, ids)
+            if timing["with_s"] > PREFETCH_MIN_GAIN * timing["without_s"]:
+                depth = 0
+            chosen = dataclasses.replace(chosen, prefetch_depth=depth)
+        say(f"4/5 validating on the held-out pieces, decoding ({attempt + 1}/{FIT_ROUNDS})")
+        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
+        if rounds:
+            rounds[-1]["worst_held_ratio"] = val["worst_ratio"]
+        if point is None or val["worst_ratio"] <= 1 + ppl_budget * (1 - MARGIN):
+            break
+        # the held-out pieces rose more than the fit allowed for: cut the fit's allowance
+        # in proportion to what they showed, at least by a quarter, and fit again
+        fit_rise = next(t["worst_fit_ratio"] for t in tried if t["index"] == index) - 1
+        held_rise = val["worst_ratio"] - 1
+        scaled = fit_rise * ppl_budget * (1 - MARGIN) / held_rise / ppl_budget
+        share = min(0.75 * share, scaled) if fit_rise > 0 else share / 2
+        chosen = None
+    if chosen is None:  # no fit held: all experts at high precision
+        rule = None
+        cache = fit_cache(*trace, budget, None, step=0.5 if quick else 0.25)
+        chosen = _strategy(cache["best"], None, depth)
+        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
+    store.close()
+    model = None
+    gc.collect()
+    trim()  # the calibration state
+    fitted["threshold_rounds"] = rounds
+    fitted["validation"] = val
+    fitted["cache"] = cache
     if cache["cliff"]:
         say(cache["cliff"])
-    fitted["cache"] = cache
-    best = cache["best"]
-
-    if depth:
-        say("3/4 timing decode with and without prefetch")
-        chosen = Strategy(
-            "timing",
-            cache=best["cache_policy"],
-            dynamic_precision=dynamic,
-            t1=t1,
-            t2=t2,
-            low_share=best["low_share"] if dynamic else 0.25,
-            cache_weights=tuple(best["weights"]) if best["weights"] else None,
-        )
-        timing_tokens = min(trace_tokens, 64 if quick else 128)
-        timing = _prefetch_timing(files, dtype, budget, chosen, depth, calib[:timing_tokens])
+    if timing is not None:
         fitted["prefetch_timing"] = timing
-        if timing["with_s"] > PREFETCH_MIN_GAIN * timing["without_s"]:
-            depth = 0
-
+    dynamic = chosen.dynamic_precision
+    t1, t2 = (chosen.t1, chosen.t2) if dynamic else (1.0, 1.0)
+    if dynamic:
+        fitted["threshold_spread"] = spread(t1, t2, [i for i, m in enumerate(cfg.moe_layers) if m])
+    best = cache["best"]
     runtime = {
         "policy": "hobbit",
         "memory": budget,
         "dynamic_precision": dynamic,
-        "t1": t1,
-        "t2": t2,
+        "t1": _jsonable(t1),
+        "t2": _jsonable(t2),
         "skip": "drop",
-        "prefetch_depth": depth,
+        "prefetch_depth": chosen.prefetch_depth,
         "cache_policy": best["cache_policy"],
         "cache_weights": list(best["weights"]) if best["weights"] else None,
         "low_share": best["low_share"] if dynamic else 0.25,
     }
     made_for = {"device": fingerprint(files.dir), "shards": shard_digests(files.dir)}
     path = Path(out) if out else config_path(files.dir)
+    fitted["calibration"] = {
+        "source": "the bundled set (calibration/SOURCES.md)"
+        if calibration is None
+        else str(calibration),
+        "parts": {name: len(ids) for name, ids in parts},
+        "fit_tokens": fit_w.tokens,
+        "held_tokens": held_w.tokens,
+    }
     fitted["seconds"] = time.perf_counter() - t_start
     fitted["memory"] = {
         "available": plan.available.bytes,
@@ -218,8 +264,8 @@ def profile(
         "peak_rss": peak_rss_bytes(),
     }
     write_config(path, runtime, made_for, fitted)
-    say("4/4 writing the config and report")
-    report = render_report(files, device, runtime, fitted, len(calib), len(held_out), ppl_budget)
+    say("5/5 writing the config and report")
+    report = render_report(files, device, runtime, fitted, ppl_budget)
     (path.parent / REPORT_FILE).write_text(report)
     return {
         "config": str(path),
@@ -230,7 +276,161 @@ def profile(
     }
 
 
-def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
+def _load_costs(store: ExpertStore, device: dict, cfg) -> dict[str, float]:
+    """Seconds a miss costs per precision: its bytes at the measured direct bandwidth, the
+    conversion after the read where its kernel needs one (torch's, without a slot pack),
+    and one token through it, timed on a real expert through the runtime's store."""
+    bandwidth = device.get("best_direct_gbps") or device.get("buffered_gbps")
+    kernels = device.get("kernels", {})
+    layer = next(i for i, m in enumerate(cfg.moe_layers) if m)
+    x = torch.randn(1, cfg.hidden_size).to(store.dtype)
+    out = {}
+    for p, q in store.p.items():
+        expert = store.read(layer, 0, p, SlotArena(q.slot_bytes, 1).view(0))
+        with torch.inference_mode():
+            expert(x)
+            times = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                expert(x)
+                times.append(time.perf_counter() - t0)
+        torch_convert = q.kernel != "ggml" and q.pack is None
+        convert = kernels.get(q.qtype, {}).get("convert_s", 0.0) if torch_convert else 0.0
+        out[p] = q.load_bytes / (bandwidth * 1e9) + convert + min(times)
+    return out
+
+
+def _pooled(ppl_by_part: dict[int, float], windows: Windows) -> float:
+    """The perplexity of all parts together (token-weighted mean of their log perplexity)."""
+    n = {i: sum(len(t) for t, p in zip(windows.targets, windows.parts, strict=True) if p == i)
+         for i in ppl_by_part}  # fmt: skip
+    return math.exp(sum(n[i] * math.log(v) for i, v in ppl_by_part.items()) / sum(n.values()))
+
+
+def _jsonable(t):
+    if isinstance(t, torch.Tensor):
+        return (
+            [[round(float(v), 4) for v in row] for row in t.tolist()]
+            if t.dim() == 2
+            else [round(float(v), 4) for v in t.tolist()]
+        )
+    return float(t)
+
+
+def _strategy(best: dict, rule: PrecisionRule | None, depth: int) -> Strategy:
+    """The runtime strategy of a fitted cache and rule (None: all experts high)."""
+    return Strategy(
+        "tuned",
+        cache=best["cache_policy"],
+        dynamic_precision=rule is not None,
+        prefetch_depth=depth,
+        t1=rule.t1 if rule is not None else 1.0,
+        t2=rule.t2 if rule is not None else 1.0,
+        low_share=best["low_share"] if rule is not None else 0.25,
+        cache_weights=tuple(best["weights"]) if best["weights"] else None,
+    )
+
+
+def _trace_strategy(rule: PrecisionRule | None, depth: int) -> Strategy:
+    return Strategy(
+        "calibration",
+        cache="lru",
+        dynamic_precision=rule is not None,
+        prefetch_depth=depth,
+        t1=rule.t1 if rule is not None else 1.0,
+        t2=rule.t2 if rule is not None else 1.0,
+    )
+
+
+def _trace_ids(windows: Windows, n: int) -> list[int]:
+    """n tokens from the windows' parts in turn (one decode sequence over every genre)."""
+    parts = sorted(set(windows.parts))
+    first = {p: next(w for w, q in zip(windows.inputs, windows.parts, strict=True) if q == p)
+             for p in parts}  # fmt: skip
+    each = max(1, n // len(parts))
+    return [t for p in parts for t in first[p][:each]][:n]
+
+
+def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base: dict,
+              names: list[str]) -> dict:  # fmt: skip
+    """Every held-out piece decoded one token at a time under `chosen` at the budget (a
+    fresh cache per piece, as a new `hobbit run`), its perplexity against the all-high
+    one; and lru on each piece's first window, interleaved, for speed and bytes read (the
+    first windows of both: each from a cold cache, so alike)."""
+    lru = Strategy("lru")
+    out, speed = {}, {"tuned_s": 0.0, "lru_s": 0.0, "tuned_bytes": 0, "lru_bytes": 0, "tokens": 0}
+    for part in sorted(set(held.parts)):
+        sel = held.select([i for i, p in enumerate(held.parts) if p == part])
+        # alternate which goes first, so a neighbour's load falls on both alike
+        if part % 2:
+            first = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
+        runs = _decode_windows(model, files, dtype, budget, chosen, sel)
+        if part % 2 == 0:
+            first = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
+        nll = sum(r["nll"] for r in runs["windows"])
+        n = sum(r["tokens"] for r in runs["windows"])
+        ppl = math.exp(nll / n)
+        out[names[part]] = {
+            "base_ppl": base[part],
+            "ppl": ppl,
+            "ratio": ppl / base[part],
+            "tokens": n,
+            "share": runs["share"],
+        }
+        speed["tuned_s"] += runs["windows"][0]["seconds"]
+        speed["tuned_bytes"] += runs["windows"][0]["bytes"]
+        speed["lru_s"] += first["windows"][0]["seconds"]
+        speed["lru_bytes"] += first["windows"][0]["bytes"]
+        speed["tokens"] += runs["windows"][0]["tokens"]
+    worst = max(out, key=lambda k: out[k]["ratio"])
+    t = speed["tokens"]
+    return {
+        "parts": out,
+        "worst_part": worst,
+        "worst_ratio": out[worst]["ratio"],
+        "speed": {
+            "tokens": t,
+            "tuned_tok_s": t / speed["tuned_s"],
+            "lru_tok_s": t / speed["lru_s"],
+            "tuned_bytes_per_token": speed["tuned_bytes"] / t,
+            "lru_bytes_per_token": speed["lru_bytes"] / t,
+        },
+    }
+
+
+def _decode_windows(model, files, dtype, budget, s: Strategy, windows: Windows) -> dict:
+    """Each window decoded from an empty KV cache, one token at a time, through one backend
+    under strategy `s`: per window its NLL, seconds and bytes read; the served shares."""
+    backend = build_backend(files, s, "high", budget, dtype, model)
+    model.experts = backend
+    step = torch.empty(1, dtype=torch.long)
+    rows = []
+    for ids, target in zip(windows.inputs, windows.targets, strict=True):
+        model.reset()
+        b0 = backend.stats()["bytes_read"]
+        t0 = time.perf_counter()
+        logits = []
+        for t in ids:
+            step[0] = t
+            logits.append(model.forward(step))
+        seconds = time.perf_counter() - t0
+        nll = torch.nn.functional.cross_entropy(
+            torch.stack(logits).float(), torch.tensor(target), reduction="sum"
+        )
+        rows.append(
+            {
+                "nll": float(nll),
+                "tokens": len(target),
+                "seconds": seconds,
+                "bytes": backend.stats()["bytes_read"] - b0,
+            }
+        )
+    share = backend.stats().get("share", {})
+    _close(model, backend)
+    return {"windows": rows, "share": share}
+
+
+def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
     """Decode seconds of `ids` with prefetch at `depth` and without, interleaved twice
     (medians): prefetch pays only where compute is a large enough share of a token to hide
     reads behind, which recall alone does not tell (docs/benchmarks.md 7)."""
@@ -238,7 +438,7 @@ def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) ->
     for _ in range(2):
         for d in (depth, 0):
             s = dataclasses.replace(chosen, prefetch_depth=d)
-            runs[d].append(_decode(files, dtype, budget, s, ids)[0])
+            runs[d].append(_decode(model, files, dtype, budget, s, ids)[0])
     return {
         "depth": depth,
         "tokens": len(ids),
@@ -247,18 +447,9 @@ def _prefetch_timing(files, dtype, budget, chosen: Strategy, depth: int, ids) ->
     }
 
 
-def _decode_trace(files, dtype, budget, dynamic, depth, t1, t2, ids):
-    """A decode-mode routing trace (one token at a time, as generation runs)."""
-    s = Strategy(
-        "calibration", cache="lru", dynamic_precision=dynamic, prefetch_depth=depth, t1=t1, t2=t2
-    )
-    return _decode(files, dtype, budget, s, ids, trace=True)[1:]
-
-
-def _decode(files, dtype, budget, s: Strategy, ids, trace: bool = False):
+def _decode(model, files, dtype, budget, s: Strategy, ids, trace: bool = False):
     """Decode `ids` one token at a time under strategy `s`: (seconds, trace header, trace
     records), the trace parts None unless asked for."""
-    model = build_model(files, None, dtype, len(ids) + 1)
     backend = build_backend(files, s, "high", budget, dtype, model)
     model.experts = backend
     if trace:
@@ -271,23 +462,60 @@ def _decode(files, dtype, budget, s: Strategy, ids, trace: bool = False):
         model.forward(step)
     seconds = time.perf_counter() - t0
     header, records = (backend.trace_header(), backend.trace) if trace else (None, None)
+    _close(model, backend)
+    return seconds, header, records
+
+
+def _close(model, backend) -> None:
     backend.close()
     # The backend's slot arenas (anonymous shared mmaps) live until its reference cycles are
     # collected: free them now, or the next run's arenas come on top (under a memory limit,
     # three decode runs in a row are then killed).
-    model.experts = backend = None
+    model.experts = None
+    del backend
     gc.collect()
-    return seconds, header, records
 
 
-def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -> str:
+def calibration_parts(path: str | Path | None, tok, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """(name, token ids) per calibration part, at most max_tokens over all: the bundled set
+    (one text per genre), a directory of .txt files (one part each), or one text file cut
+    into PARTS_OF_ONE_TEXT parts."""
+    path = Path(path) if path is not None else DEFAULT_SET
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise HobbitError(f"calibration dir {path} holds no .txt files; give one or more")
+        texts = [(f.stem, validate.utf8_text(f, "calibration text")) for f in files]
+    else:
+        texts = [(path.stem, validate.utf8_text(path, "calibration text"))]
+    per = max_tokens // len(texts)
+    parts = [(name, tok.encode(t.replace("\r", ""))[:per]) for name, t in texts]
+    if len(parts) == 1:
+        name, ids = parts[0]
+        ids = ids[:max_tokens]
+        n = len(ids) // PARTS_OF_ONE_TEXT
+        parts = [(f"{name}[{i + 1}/{PARTS_OF_ONE_TEXT}]", ids[i * n : (i + 1) * n])
+                 for i in range(PARTS_OF_ONE_TEXT)]  # fmt: skip
+    short = [(name, len(ids)) for name, ids in parts if len(ids) < 32]
+    if short:
+        raise HobbitError(
+            f"calibration part {short[0][0]} gives {short[0][1]} tokens; give at least 32 a part "
+            f"({32 * PARTS_OF_ONE_TEXT} for one text: a few paragraphs) or raise --max-tokens"
+        )
+    return parts
+
+
+def render_report(files, device, runtime, fitted, ppl_budget) -> str:
+    cal = fitted["calibration"]
     lines = [
         f"# hobbit profile: {files.dir.name}",
         "",
         f"Model: {files.config.family}, {sum(files.config.moe_layers)} MoE layers x "
         f"{files.config.num_experts} experts, top-{files.config.top_k}; shards "
         + ", ".join(f"{p} {files.manifest['types'][p]}" for p in files.precisions),
-        f"Calibration: {n_calib} tokens for routing, {n_held} held out for perplexity.",
+        f"Calibration: {cal['source']}, parts "
+        + ", ".join(f"{k} ({v} tokens)" for k, v in cal["parts"].items())
+        + f"; {cal['fit_tokens']} tokens fitted on, {cal['held_tokens']} held out.",
         "",
         "## Device",
         f"- direct-read bandwidth (best): {device.get('best_direct_gbps') or 0:.2f} GB/s"
@@ -303,34 +531,79 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
     ]
     for q, k in device.get("kernels", {}).items():
         lines.append(
-            f"- expert FFN, {q}: "
+            f"- expert FFN (torch), {q}: "
             + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in k.items() if name.endswith("_s"))
+        )
+    val = fitted["validation"]
+    sp = val["speed"]
+    mib = 1 << 20
+    lines += [
+        "",
+        "## What the budget bought",
+        "",
+        f"Decoding the held-out pieces' first windows ({sp['tokens']} tokens, a fresh cache "
+        f"each) under the {runtime['memory'] / mib:,.1f} MiB expert budget:",
+        "",
+        "| | decode tok/s | vs lru | MiB read / token |",
+        "|---|---|---|---|",
+        f"| lru (all high) | {sp['lru_tok_s']:.1f} | 1.00x | {sp['lru_bytes_per_token'] / mib:.3f} |",
+        f"| tuned | {sp['tuned_tok_s']:.1f} | {sp['tuned_tok_s'] / sp['lru_tok_s']:.2f}x | "
+        f"{sp['tuned_bytes_per_token'] / mib:.3f} |",
+        "",
+        f"Perplexity of each held-out piece, decoded one token at a time with the tuned config, "
+        f"against all experts at high precision (the budget is +{ppl_budget:.1%}; the fit had "
+        f"to leave {MARGIN:.0%} of it for text nobody measured):",
+        "",
+        "| piece | all-high | tuned | rise | high/low/skip |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in val["parts"].items():
+        sh = r["share"]
+        mix = "/".join(f"{sh.get(k, 0):.0%}" for k in ("high", "low", "skip"))
+        worst = " (worst)" if name == val["worst_part"] else ""
+        lines.append(
+            f"| {name}{worst} | {r['base_ppl']:.3f} | {r['ppl']:.3f} | {r['ratio'] - 1:+.2%} | {mix} |"
         )
     lines += ["", "## Chosen settings", ""]
     for key, value in runtime.items():
+        if key in ("t1", "t2") and isinstance(value, list):
+            value = "per layer and expert (below)"
         lines.append(f"- `{key}`: {value}")
     lines += ["", "## Why", ""]
     cost = fitted["load_cost_s"]
     lines.append(
-        "- load cost per expert (read at direct bandwidth, + conversion unless packed, + decode kernel): "
-        + ", ".join(f"{p} {v * 1e3:.2f} ms" for p, v in cost.items())
+        "- load cost of a miss (read at direct bandwidth, + conversion where the kernel needs "
+        "one, + one token through a real expert): "
+        + ", ".join(f"{p} {v * 1e3:.3f} ms" for p, v in cost.items())
     )
-    if "thresholds" in fitted:
-        th = fitted["thresholds"]
+    if not fitted.get("low_pays", True):
         lines.append(
-            f"- thresholds: all-high held-out perplexity {fitted['base_ppl']:.3f}; budget +{ppl_budget:.0%}, "
-            f"half of it spent here = {th['limit']:.3f}; chose T1={th['t1']}, T2={th['t2']} (perplexity {th['ppl']:.3f}): "
-            f"of {th['candidates']} candidates, {th['front']} are cheapest for their estimated error, "
-            f"bisected with {len(th['tried'])} end-to-end runs"
+            "- the low-precision copy costs more to load and compute than the high one here: "
+            "only skipping is used"
         )
-        if not fitted.get("low_pays", True):
+    for k, r in enumerate(fitted["threshold_rounds"], 1):
+        tried = ", ".join(
+            f"#{t['index']} {t['worst_fit_ratio'] - 1:+.2%}{'' if t['ok'] else ' x'}"
+            for t in r["tried"]
+        )
+        held = r.get("worst_held_ratio")
+        lines.append(
+            f"- thresholds, fit {k}: allowed +{ppl_budget * r['share']:.2%} on the worst fitting "
+            f"piece; of {r['front']} per-expert assignments (cheapest to all-high) tried {tried}; "
+            + (f"chose #{r['index']}" if r["index"] is not None else "none met it: all high")
+            + (f", worst held-out piece {held - 1:+.2%}" if held is not None else "")
+        )
+    if "threshold_spread" in fitted:
+        lines.append("- thresholds per MoE layer over its experts (min / median / max):")
+        for layer, v in fitted["threshold_spread"].items():
             lines.append(
-                "- the low-precision copy costs more to load and compute than the high one here: only skipping is used"
+                f"  - layer {layer}: T1 {v['t1'][0]:.2f} / {v['t1'][1]:.2f} / {v['t1'][2]:.2f}, "
+                f"T2 {v['t2'][0]:.2f} / {v['t2'][1]:.2f} / {v['t2'][2]:.2f}"
             )
+    elif fitted.get("threshold_rounds"):
+        lines.append("- every expert at high precision: no fit held on the held-out pieces")
     else:
-        lines.append(
-            f"- no low-precision shard: all experts at high precision (perplexity {fitted['base_ppl']:.3f})"
-        )
+        lines.append("- no low-precision shard: all experts at high precision")
     rec = ", ".join(f"depth {d}: {r:.0%}" for d, r in fitted["prefetch_recall"].items())
     timing = fitted.get("prefetch_timing")
     if timing:
@@ -353,7 +626,7 @@ def render_report(files, device, runtime, fitted, n_calib, n_held, ppl_budget) -
     )
     if c.get("cliff"):
         lines.append(f"- {c['cliff']}")
-    m, mib = fitted["memory"], 1 << 20
+    m = fitted["memory"]
     lines.append(
         f"- peak memory of this profile: {m['peak_rss'] / mib:,.0f} MiB resident (the process's "
         f"peak RSS, interpreter and torch included; experts were held one at a time per "

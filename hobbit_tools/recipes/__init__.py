@@ -16,7 +16,7 @@ from ..errors import HobbitError
 RECIPES_DIR = Path(__file__).parent
 KEYS = {
     "prepare": {"dense", "high", "low"},
-    "profile": {"ppl_budget", "memory", "max_tokens", "calibration"},
+    "profile": {"ppl_budget", "memory", "max_tokens", "calibration", "threads"},
 }
 TOP_LEVEL = {"description", "family"}
 
