@@ -99,7 +99,9 @@ def bench(
 
         if progress:
             progress("llama.cpp on the same split")
-        llama = measure(model_dir, prompts, max_new_tokens, threads=ggml.threads(), precision=precision)
+        llama = measure(
+            model_dir, prompts, max_new_tokens, threads=ggml.threads(), precision=precision
+        )
         for r in runs:
             r["vs_llamacpp"] = r["decode_tokens_per_s"] / llama["decode_tokens_per_s"]
     return {
@@ -264,7 +266,9 @@ def format_table(result: dict) -> str:
     lines.append("")
     if result.get("llama.cpp"):
         ll = result["llama.cpp"]
-        vs = ", ".join(f"{r['policy']}@{r['memory']} {r['vs_llamacpp']:.2f}x" for r in result["runs"])
+        vs = ", ".join(
+            f"{r['policy']}@{r['memory']} {r['vs_llamacpp']:.2f}x" for r in result["runs"]
+        )
         lines.append(
             f"llama.cpp on the same split ({ll['threads']} thread(s), mmap): decode "
             f"{ll['decode_tokens_per_s']:.2f} tok/s; hobbit / llama.cpp: {vs}"

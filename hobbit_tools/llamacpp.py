@@ -100,7 +100,9 @@ def _child(split: str, prompts: list[str], n: int, threads: int, context: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="llama.cpp decode speed on a GGUF (a child of hobbit's bench)")
+    ap = argparse.ArgumentParser(
+        description="llama.cpp decode speed on a GGUF (a child of hobbit's bench)"
+    )
     ap.add_argument("split")
     ap.add_argument("-p", "--prompt", action="append", required=True)
     ap.add_argument("-n", type=int, default=32)

@@ -132,7 +132,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--profile", action="store_true", help="hobbit profile inside each limit first.")
+    ap.add_argument(
+        "--profile", action="store_true", help="hobbit profile inside each limit first."
+    )
     ap.add_argument("--reprofile", action="store_true", help="Profile even where a config exists.")
     ap.add_argument("--profile-args", default="", help="Extra `hobbit profile` arguments.")
     ap.add_argument("--hobbit", default="", help="Extra `hobbit run` arguments.")
@@ -158,7 +160,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | prefill hobbit / llama.cpp | hobbit run")
+    print(
+        f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | prefill hobbit / llama.cpp | hobbit run"
+    )
     for row in rows:
         med, pre = {}, {}
         for who in ("hobbit", "llama.cpp"):
@@ -167,7 +171,9 @@ def main() -> None:
             pre[who] = statistics.median(x["prefill_tokens_per_s"] for x in ok) if ok else None
         h, l_ = med["hobbit"], med["llama.cpp"]
         prefill = (
-            f"{pre['hobbit']:.0f} / {pre['llama.cpp']:.0f} tok/s" if pre["hobbit"] and pre["llama.cpp"] else "-"
+            f"{pre['hobbit']:.0f} / {pre['llama.cpp']:.0f} tok/s"
+            if pre["hobbit"] and pre["llama.cpp"]
+            else "-"
         )
         ratio = f"{h / l_:.2f}x" if h and l_ else "-"
         last = next((x for x in reversed(row["hobbit"]) if "policy" in x), {})
@@ -178,7 +184,9 @@ def main() -> None:
             else (row["hobbit"][-1].get("error") or ["?"])[-1]
         )
         fmt = lambda v: f"{v:.2f} tok/s" if v else "failed"  # noqa: E731
-        print(f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {prefill:>26} | {what}")
+        print(
+            f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {prefill:>26} | {what}"
+        )
 
 
 if __name__ == "__main__":

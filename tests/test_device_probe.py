@@ -10,6 +10,7 @@ import torch
 
 from hobbit_tools.profile import device
 from hobbit_tools.profile.device import ReadProbe
+from hobbit_tools.runtime import ggml
 
 QUICK = dict(request_sizes=(1 << 20, 4 << 20), queue_depths=(1, 2), total_bytes=8 << 20)
 
@@ -98,9 +99,15 @@ def test_probe_kernels():
     shapes = [(256, 256), (256, 256), (256, 256)]
     res = device.probe_kernels(shapes, ["BF16", "Q8_0", "Q4_K"])
     assert set(res) == {"BF16", "Q8_0", "Q4_K"}
-    for r in res.values():
+    for q, r in res.items():
+        ggml_times = r.pop("ggml", None)
         assert set(r) == {"T1_s", "T64_s", "convert_s", "bytes"}
         assert all(r[k] > 0 for k in r)
+        # quantized types are also timed on ggml's kernels (where the library loads)
+        if q != "BF16" and ggml.available():
+            assert set(ggml_times) == {"T1_s", "T64_s"} and all(v > 0 for v in ggml_times.values())
+        else:
+            assert ggml_times is None
     assert res["BF16"]["bytes"] == 3 * 256 * 256 * 2
     assert res["Q4_K"]["bytes"] < res["Q8_0"]["bytes"] < res["BF16"]["bytes"]
     assert set(device.probe_kernels(shapes[:1] * 3, ["BF16"], tokens=(2,))["BF16"]) >= {"T2_s"}

@@ -322,3 +322,38 @@ def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled):
         want = rt.model.forward(torch.tensor(ids), all_logits=True)
         torch.testing.assert_close(model.logits(h), want, atol=2e-3, rtol=1e-3)
     store.close()
+
+
+@pytest.mark.parametrize("winner", ["torch", "ggml"])
+def test_kernels_are_chosen_by_timed_decode(profiled, tmp_path, monkeypatch, winner):
+    """Which kernels compute a quantized type is decided by decoding under the chosen
+    strategy both ways, and the run takes the winner from the config."""
+    import hobbit_tools.profile.profiler as prof
+
+    if not hobbit_tools.runtime.ggml.available():
+        pytest.skip("ggml's kernels do not load here: there is nothing to choose between")
+    d, _ = profiled
+    real = prof._decode
+    timed = []
+
+    def decode(model, files, dtype, budget, s, ids, trace=False, kernels=None):
+        if kernels is None:
+            return real(model, files, dtype, budget, s, ids, trace)
+        (path,) = set(kernels.values())
+        timed.append(path)
+        return (1.0 if path == winner else 2.0), None, None
+
+    monkeypatch.setattr(prof, "_decode", decode)
+    out = tmp_path / "cfg.json"
+    result = profile(
+        d / "model", memory="50%", max_tokens=300, window=128, trace_tokens=16, quick=True,
+        out=out, threads=1,
+    )  # fmt: skip
+    assert sorted(timed) == ["ggml", "ggml", "torch", "torch"]  # interleaved, twice each
+    kernels = result["runtime"]["kernels"]
+    assert kernels and set(kernels.values()) == {winner}
+    assert f"-> kernels {kernels}" in out.with_name("profile-report.md").read_text()
+    rt = hobbit_tools.load(d / "model", config=out)
+    types = hobbit_tools.runtime.loader.ModelFiles(d / "model").manifest["types"]
+    chosen = {k for n, k in rt.info["kernels"].items() if types[n] in kernels}
+    assert chosen == {winner}

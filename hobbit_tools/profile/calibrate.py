@@ -27,7 +27,6 @@ from ..runtime.experts import Combiner, dispatch
 from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights, unimportance
 from ..runtime.store import ExpertStore, SlotArena
 
-
 LOGIT_ROWS = 32
 
 

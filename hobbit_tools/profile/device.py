@@ -318,8 +318,34 @@ def _probe_kernels(shapes, qtypes, tokens, dtype, weights, d_in, out) -> dict:
             res[f"T{t}_s"] = _median_time(ffn, stat=min)
         res["convert_s"] = _median_time(convert, repeats=3, stat=min)
         res["bytes"] = int(sum(r.numel() for r in raws))
+        ggml_times = _probe_ggml(raws, qt, shapes, tokens, d_in)
+        if ggml_times:
+            res["ggml"] = ggml_times
         out[qt] = res
     return out
+
+
+def _probe_ggml(raws, qt: str, shapes, tokens, d_in: int) -> dict | None:
+    """The same expert computed by ggml on its GGUF bytes (no conversion: the bytes read are
+    the bytes computed on): {"T1_s": .., "T64_s": ..}, or None where ggml cannot."""
+    from ..runtime import ggml
+    from ..runtime.pack import UNPACKED_TYPES
+
+    if not ggml.available() or qt not in ggml.TYPES or qt in UNPACKED_TYPES:
+        return None
+    mats = [(r.data_ptr(), qt, tuple(int(v) for v in s)) for r, s in zip(raws, shapes, strict=True)]
+    threads = ggml.threads()
+    ggml.set_threads(1)
+    try:
+        one = ggml.ExpertFFN(*mats)
+        res = {}
+        for t in tokens:
+            x = torch.randn(int(t), d_in)
+            run = (lambda x=x: one(x)) if t == 1 else (lambda x=x: ggml.ffn(x, *mats))
+            res[f"T{t}_s"] = _median_time(run, stat=min)
+        return res
+    finally:
+        ggml.set_threads(threads)
 
 
 # --------------------------------------------------------------------------- all of it

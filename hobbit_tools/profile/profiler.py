@@ -42,6 +42,7 @@ from ..runtime.budget import parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
 from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
 from ..runtime.offload import RouterView
+from ..runtime.pack import UNPACKED_TYPES
 from ..runtime.precision import PrecisionRule
 from ..runtime.store import ExpertStore, SlotArena
 from ..runtime.strategy import Strategy, build_backend, default_memory
@@ -62,6 +63,7 @@ PLANNED_CONTEXT = 1024
 FIT_SHARE = 0.5
 MARGIN = 0.25
 FIT_ROUNDS = 3  # fits tried before the thresholds fall back to all-high
+KERNEL_MIN_GAIN = 0.97  # torch's kernels are chosen where they decode in <= 97% of ggml's time
 PREFETCH_MIN_GAIN = 0.97  # prefetch is kept if it decodes in at most 97% of the time without
 REPORT_FILE = "profile-report.md"
 
@@ -215,10 +217,15 @@ def _profile(
         cache = fit_cache(*trace, budget, None, step=0.5 if quick else 0.25)
         chosen = _strategy(cache["best"], None, depth)
         val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
+    say("4/5 timing decode on ggml's kernels and on torch's")
+    kernels, kernel_timing = _kernel_choice(
+        model, files, dtype, budget, chosen, store, _trace_ids(fit_w, 32 if quick else 64)
+    )
     store.close()
     model = None
     gc.collect()
     trim()  # the calibration state
+    fitted["kernel_timing"] = kernel_timing
     fitted["threshold_rounds"] = rounds
     fitted["validation"] = val
     fitted["cache"] = cache
@@ -242,6 +249,7 @@ def _profile(
         "cache_policy": best["cache_policy"],
         "cache_weights": list(best["weights"]) if best["weights"] else None,
         "low_share": best["low_share"] if dynamic else 0.25,
+        "kernels": kernels,
     }
     made_for = {"device": fingerprint(files.dir), "shards": shard_digests(files.dir)}
     path = Path(out) if out else config_path(files.dir)
@@ -430,6 +438,29 @@ def _decode_windows(model, files, dtype, budget, s: Strategy, windows: Windows) 
     return {"windows": rows, "share": share}
 
 
+def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
+    """Which compute path each quantized expert type takes, by decoding `ids` under the
+    chosen strategy and budget both ways, interleaved twice (medians): ggml on the GGUF bytes
+    as read, or torch's kernels after a conversion (paid per miss when offloaded, and a
+    larger slot where torch holds the type wider). Per-expert microbenchmarks cannot decide
+    it: one expert sits in the CPU's cache, decode streams every expert from RAM.
+    Returns ({qtype: "ggml" | "torch"}, the timings)."""
+    from ..runtime import ggml
+
+    quantized = sorted({q.qtype for q in store.p.values() if q.qtype in ggml.TYPES}
+                       - set(UNPACKED_TYPES))  # fmt: skip
+    if not quantized or not ggml.available():
+        return {}, None
+    runs: dict[str, list[float]] = {"ggml": [], "torch": []}
+    for _ in range(2):
+        for path in runs:
+            kernels = dict.fromkeys(quantized, path)
+            runs[path].append(_decode(model, files, dtype, budget, chosen, ids, kernels=kernels)[0])
+    timing = {p: statistics.median(v) for p, v in runs.items()} | {"tokens": len(ids)}
+    path = "torch" if timing["torch"] <= KERNEL_MIN_GAIN * timing["ggml"] else "ggml"
+    return dict.fromkeys(quantized, path), timing
+
+
 def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
     """Decode seconds of `ids` with prefetch at `depth` and without, interleaved twice
     (medians): prefetch pays only where compute is a large enough share of a token to hide
@@ -447,10 +478,10 @@ def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, 
     }
 
 
-def _decode(model, files, dtype, budget, s: Strategy, ids, trace: bool = False):
+def _decode(model, files, dtype, budget, s: Strategy, ids, trace: bool = False, kernels=None):
     """Decode `ids` one token at a time under strategy `s`: (seconds, trace header, trace
     records), the trace parts None unless asked for."""
-    backend = build_backend(files, s, "high", budget, dtype, model)
+    backend = build_backend(files, s, "high", budget, dtype, model, kernels=kernels)
     model.experts = backend
     if trace:
         backend.start_trace()
@@ -533,6 +564,18 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
         lines.append(
             f"- expert FFN (torch), {q}: "
             + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in k.items() if name.endswith("_s"))
+        )
+        if k.get("ggml"):
+            lines.append(
+                f"- expert FFN (ggml, on the GGUF bytes), {q}: "
+                + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in k["ggml"].items())
+                + " (one expert, warm in the CPU's cache)"
+            )
+    kt = fitted.get("kernel_timing")
+    if kt:
+        lines.append(
+            f"- decode of {kt['tokens']} tokens under the chosen strategy: ggml {kt['ggml']:.2f} s, "
+            f"torch {kt['torch']:.2f} s -> kernels {runtime.get('kernels')}"
         )
     val = fitted["validation"]
     sp = val["speed"]

@@ -9,6 +9,7 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
+from .budget import return_large_blocks
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .loader import (
     ModelFiles,
@@ -18,7 +19,6 @@ from .loader import (
     context_source,
     tokenizer,
 )
-from .budget import return_large_blocks
 from .policies import CLIFF_POLICY
 from .strategy import (
     STRATEGIES,
@@ -34,6 +34,7 @@ __all__ = ["Chunk", "Generation", "Runtime", "SamplingParams", "STRATEGIES", "St
 
 
 return_large_blocks()
+
 
 def load(
     model_dir: str | Path,
@@ -194,6 +195,10 @@ def load(
         # per quantized expert precision in use: whether loads read a slot pack (no
         # conversion after the read)
         "packed": _packed(backend),
+        # per expert precision: which kernels compute it ("ggml" on the GGUF bytes, "torch")
+        "kernels": {n: p.kernel for n, p in getattr(backend, "store", None).p.items()}
+        if hasattr(backend, "store")
+        else {},
     }
     return Runtime(model, tokenizer(files), info)
 

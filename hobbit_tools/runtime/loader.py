@@ -188,7 +188,11 @@ def load_dense(files: ModelFiles, dtype: torch.dtype) -> ModelWeights:
         )
     output = get("output.weight")
     # an embedding used only for lookups stays mapped; tied to the output, it is a matmul
-    embed = get("token_embd.weight") if output is None else files.mapped_rows("token_embd.weight", dtype)
+    embed = (
+        get("token_embd.weight")
+        if output is None
+        else files.mapped_rows("token_embd.weight", dtype)
+    )
     return ModelWeights(
         embed=embed,
         norm=norm("output_norm"),
