@@ -204,12 +204,13 @@ def load(
 
 
 def _staging_bytes(backend, io_threads: int) -> int:
-    """Per-thread read buffers of the torch kernels' loads (ggml's read into the slot)."""
+    """Staging buffers of the torch kernels' loads, at most two per I/O thread (a paused
+    prefetch and the demand read run meanwhile; ggml's loads read into the slot)."""
     store = getattr(backend, "store", None)
     if store is None:
         return 0
     torch_loads = [p.staging_bytes for p in store.p.values() if p.kernel == "torch" and not p.pack]
-    return io_threads * max(torch_loads, default=0)
+    return 2 * io_threads * max(torch_loads, default=0)
 
 
 def _caches(policy: str | Strategy | None) -> bool:

@@ -1,9 +1,18 @@
 """The expert cache mechanism: entries in arena slots, loads on the I/O pool, pins, eviction.
 
-One arena per precision (separate high and low caches sharing one byte budget). An entry is
-pinned while a kernel uses it and protected while it waits, prefetched, for the layer it was
-predicted for; neither is ever evicted. Which unpinned entry to evict is the policy's call.
-No decisions about what to load live here: see `offload.py`.
+One arena per precision (separate high and low caches sharing one byte budget). Every slot
+is in exactly one state, changed only by the thread that runs the model:
+
+    FREE      in its arena's free list
+    LOADING   an entry's read is queued or running on an I/O thread, which writes the slot
+    READY     the entry's expert is in the slot (protected: prefetched for a layer, unused)
+    PINNED    READY and in use by a kernel
+    STOPPING  the entry was given up while its read runs; the slot frees once the read ends
+
+An I/O job writes only the slot it was given (and a staging buffer leased for it alone). A
+PINNED or protected entry is never evicted; which READY entry to evict is the policy's call.
+Nothing frees a LOADING slot: `settle` stops every read and waits for it first (errors,
+close). No decisions about what to load live here: see `offload.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +41,14 @@ class Entry:
     @property
     def ready(self) -> bool:
         return self.expert is not None
+
+    @property
+    def state(self) -> str:
+        if self.stop:
+            return "STOPPING"
+        if not self.ready:
+            return "LOADING"
+        return "PINNED" if self.pins else "READY"
 
 
 class ExpertCache:
@@ -156,18 +173,34 @@ class ExpertCache:
                 return entry.slot
         return None
 
-    def abort(self, entries: list[Entry]) -> None:
-        """A load failed: cancel or finish the others so no thread writes into a freed slot;
-        forget everything not ready and every pin."""
-        for entry in entries + self.stopping:
-            if entry.future is not None and not entry.future.cancel():
-                try:
-                    entry.future.result()
-                except BaseException:
-                    pass
+    def settle(self) -> None:
+        """Stop every read in flight (queued ones cancelled, running ones told to stop) and
+        wait for each to end: afterwards no I/O thread writes into any slot."""
+        for entry in list(self.entries.values()) + self.stopping:
+            if entry.ready or entry.future is None:
+                continue
+            entry.stop = entry.stop or not entry.future.cancel()
+            try:
+                entry.future.result()
+            except BaseException:  # stopped, cancelled or failed: nothing left writing
+                pass
+
+    def abort(self) -> None:
+        """A load failed: settle every read (demand and prefetch), then forget everything not
+        ready and every pin."""
+        self.settle()
         for entry in list(self.entries.values()):
             if not entry.ready:
                 self.drop(entry)
             entry.pins = 0
             entry.protected_for = None
         self.reap()
+
+    def check(self) -> None:
+        """Asserts the slot state machine's invariant: each slot is FREE or held by exactly
+        one entry (cached or STOPPING). For tests and debugging."""
+        for precision, arena in self.arenas.items():
+            held = [e.slot for e in [*self.entries.values(), *self.stopping]
+                    if e.key[2] == precision]  # fmt: skip
+            owned = held + arena.free
+            assert sorted(owned) == list(range(arena.n)), (precision, sorted(owned), arena.n)

@@ -18,8 +18,9 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,33 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     """Page-aligned anonymous memory (mmap), as a uint8 array; never swapped to a file."""
     m = mmap.mmap(-1, max(align_up(nbytes), BLOCK))
     return np.frombuffer(m, dtype=np.uint8)
+
+
+class Buffers:
+    """Aligned buffers of `nbytes`, each lent to one read at a time (`lease`). A buffer is
+    never shared by two reads in flight: a prefetch paused between its chunks and the demand
+    read its thread runs meanwhile (`IOPool.yield_to_demand`) each hold their own. At most
+    two per I/O thread are ever made (a paused prefetch and one demand read)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.made = 0
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self) -> Iterator[np.ndarray]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+            if buf is None:
+                self.made += 1
+        if buf is None:
+            buf = aligned_buffer(self.nbytes)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                self._free.append(buf)
 
 
 class ReadStopped(Exception):
@@ -193,7 +221,10 @@ class IOPool:
     def yield_to_demand(self) -> None:
         """Called by a prefetch between the chunks of its read: runs queued demand jobs
         first, in this thread, and waits while others run, so that a speculative read never
-        shares the disk with a read the model is waiting for."""
+        shares the disk with a read the model is waiting for. (Run here, not by another
+        thread: with one I/O thread there is no other, and the paused thread would idle.)
+        The demand job must not touch the paused read's memory: jobs read into their own
+        slot or a leased buffer (`Buffers`), never into per-thread scratch."""
         while True:
             with self._cv:
                 if self._heap and self._heap[0].priority == DEMAND:
@@ -206,6 +237,8 @@ class IOPool:
             self._run(job)
 
     def close(self) -> None:
+        """Cancels queued jobs and waits for the running ones to end (the cache stops its
+        reads first, so that is within a chunk): files are never closed under a live read."""
         with self._cv:
             self._closed = True
             for job in self._heap:
@@ -213,7 +246,8 @@ class IOPool:
             self._heap.clear()
             self._cv.notify_all()
         for t in self._threads:
-            t.join(timeout=5)
+            if t is not threading.current_thread():
+                t.join()
 
 
 # Reader threads may be inside a torch op when the interpreter exits; stop them first.

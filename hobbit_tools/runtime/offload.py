@@ -143,7 +143,7 @@ class OffloadedExperts:
                     self._compute(out, x, entry, rows, slots)
                 self._start(missing, waiting, layer)
         except BaseException:
-            self.cache.abort([en for en, _, _ in waiting.values()])
+            self.cache.abort()
             raise
         if self.trace is not None:
             self._record(layer, ids_l, weights, level, record)
@@ -181,6 +181,7 @@ class OffloadedExperts:
         }
 
     def close(self) -> None:
+        self.cache.settle()  # no read may outlive the files it reads
         self.pool.close()
         self.store.close()
 

@@ -9,7 +9,8 @@ a load allocates nothing that outlives it), by the precision's kernel:
   bytes. A load is three direct reads straight into the slot and a crc32 check of the bytes
   read, nothing else; ggml's kernels (`ggml.py`, the ones llama.cpp runs) compute on them
   in place. No staging buffer, no conversion: the bytes in RAM are the bytes on disk.
-* ``torch``: the slices are read into a per-thread staging buffer, checked, converted for
+* ``torch``: the slices are read into a staging buffer leased for this read alone, checked,
+  converted for
   torch's kernels (`QLinear.from_raw`) and moved into the slot; where the precision has a
   current slot pack (`pack.py`), a load is one direct read of the ready-made image instead.
   Float shards (F32/F16/BF16) always take this path (their slot image is their bytes).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from ..errors import HobbitError
 from ..quantize.layout import ROLES, expert_tensor_name
 from . import ggml, gptoss
 from .experts import Expert, GGUFExpert
-from .io import BLOCK, ShardFile, align_up, aligned_buffer
+from .io import BLOCK, Buffers, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
 from .loader import ModelFiles
 from .pack import UNPACKED_TYPES, Pack, open_pack, pack_key
@@ -91,10 +91,10 @@ class ExpertStore:
         self.files = files
         self.dtype = dtype  # the model's compute dtype; see kernel_dtype
         self.verify = True
-        self._local = threading.local()
         self._graphs: dict[int, ggml.ExpertFFN] = {}  # slot address -> its one-token graph
         self._wrap = gptoss.expert_wrapper(files)  # gpt-oss: biases, clamped SwiGLU
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
+        self.staging = Buffers(max((p.staging_bytes for p in self.p.values()), default=0))
         for p in self.p.values():
             p.kernel = _kernel_for(p.qtype, kernels or {})
             if p.kernel == "ggml":
@@ -156,7 +156,8 @@ class ExpertStore:
     def _measure_slot(self, p: Precision) -> None:
         """Convert one expert to learn the slot layout all experts share (same shapes)."""
         layer, e = next(iter(p.slices))
-        linears = self._convert(p, self._stage(p, layer, e))
+        with self.staging.lease() as buf:
+            linears = self._convert(p, self._stage(p, layer, e, buf))
         offset = 0
         for role, lin in enumerate(linears):
             for name, t in _tensors(lin):
@@ -191,10 +192,11 @@ class ExpertStore:
         if p.pack is not None and from_pack:
             p.pack.read(layer, expert, slot[: p.pack.slot_bytes], self.verify, stop)
             return self._view(p, slot)
-        linears = self._convert(p, self._stage(p, layer, expert, stop))
-        offset = 0
-        for lin in linears:
-            offset = _place(lin, slot, offset)
+        with self.staging.lease() as buf:  # the converted tensors may view it until placed
+            linears = self._convert(p, self._stage(p, layer, expert, buf, stop))
+            offset = 0
+            for lin in linears:
+                offset = _place(lin, slot, offset)
         return Expert(*linears, nbytes=offset, dtype=self.kernel_dtype(p.qtype))
 
     def _read_gguf(self, p: Precision, layer: int, expert: int, slot: np.ndarray, stop):
@@ -222,9 +224,9 @@ class ExpertStore:
         return self.dtype if qtype in ("F32", "F16", "BF16") else torch.bfloat16
 
     def _stage(
-        self, p: Precision, layer: int, expert: int, stop=None
+        self, p: Precision, layer: int, expert: int, buf: np.ndarray, stop=None
     ) -> list[tuple[np.ndarray, tuple[int, int]]]:
-        views = self._read_parts(p, layer, expert, self._staging(p), stop)
+        views = self._read_parts(p, layer, expert, buf, stop)
         return [(v, s.shape) for v, s in zip(views, p.slices[(layer, expert)], strict=True)]
 
     def _read_parts(self, p: Precision, layer: int, expert: int, buf: np.ndarray, stop):
@@ -257,15 +259,6 @@ class ExpertStore:
             )
             for view, shape in parts
         ]
-
-    def _staging(self, p: Precision) -> np.ndarray:
-        """This thread's aligned buffer for raw reads, grown to the largest precision."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < p.staging_bytes:
-            buf = self._local.buf = aligned_buffer(
-                max(s.staging_bytes for s in self.p.values()) if self.p else p.staging_bytes
-            )
-        return buf
 
     def close(self) -> None:
         for p in self.p.values():
