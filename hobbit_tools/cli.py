@@ -587,8 +587,12 @@ def widen(src, out, expert_ffn, force) -> None:
     "--preset",
     default="mixtral-mini",
     show_default=True,
-    type=click.Choice(["mixtral-mini", "mixtral-1g", "mixtral-2g"]),
-    help="Shape: Mixtral proportions scaled down.",
+    type=click.Choice(
+        ["mixtral-mini", "mixtral-1g", "mixtral-2g", "qwen3-routing", "qwen3-experts", "olmoe"]
+    ),  # fmt: skip
+    help="Shape: mixtral-*: Mixtral proportions scaled down; qwen3-routing: Qwen3-30B-A3B's "
+    "48 layers x 128 experts top-8 with tiny dims (lookups dominate); qwen3-experts: its "
+    "expert dims (128 x 2048x768, top-8), 2 layers; olmoe: OLMoE's (64 x 2048x1024, top-8).",
 )
 @click.option("--layers", type=int, help="Override the preset's layer count.")
 @click.option(

@@ -35,6 +35,21 @@ PRESETS = {
     "mixtral-mini": SynthShape(),  # ~420 MB at bf16, experts 84% of it
     "mixtral-1g": SynthShape(hidden=1024, ffn=3584, layers=6, experts=8, heads=16, kv_heads=4),
     "mixtral-2g": SynthShape(hidden=1024, ffn=3584, layers=12, experts=8, heads=16, kv_heads=4),
+    # Fine-grained routing (Mixtral's softmax-over-top-k is Qwen3's norm_topk_prob routing).
+    # Qwen3-30B-A3B's routing shape, 6,144 experts and 384 lookups a token, with small dims:
+    # lookups, not bytes, dominate (the control plane's benchmark)
+    "qwen3-routing": SynthShape(
+        hidden=256, ffn=64, layers=48, experts=128, top_k=8, heads=4, kv_heads=2, vocab=8192
+    ),
+    # Qwen3-30B-A3B's expert dims (128 of 2048x768, top-8), 2 of its 48 layers: 1.2 G expert
+    # parameters (near-the-bound offloading)
+    "qwen3-experts": SynthShape(
+        hidden=2048, ffn=768, layers=2, experts=128, top_k=8, heads=32, kv_heads=4
+    ),
+    # OLMoE-1B-7B's experts (64 of 2048x1024, top-8), 2 of its 16 layers
+    "olmoe": SynthShape(
+        hidden=2048, ffn=1024, layers=2, experts=64, top_k=8, heads=16, kv_heads=16
+    ),
 }
 
 

@@ -69,7 +69,28 @@ def test_bench_runs_strategies_side_by_side(hf, tmp_path):
     )
     assert runs[("hobbit", "45%")]["share"]["low"] > 0
     assert out["bound_tokens_per_s"] > 0 and out["direct_read_gbps"] > 0
+    # every run against its own bound, and its time outside I/O waits against resident's
+    res = out["resident_compute_s_per_token"]
+    assert res == runs[("resident", "all")]["compute_s_per_token"] > 0
+    for x in runs.values():
+        b = x["bound_tokens_per_s"]
+        assert x["share_of_bound"] == pytest.approx(x["decode_tokens_per_s"] / b)
+        assert x["outside_io_vs_resident"] == pytest.approx(x["compute_s_per_token"] / res)
+        # bound by its reads or by compute: resident's, or its own where less (low, skips)
+        compute = min(res, x["compute_s_per_token"])
+        reads = x["bytes_read_per_token"] / (out["direct_read_gbps"] * 1e9)
+        assert b == pytest.approx(1 / max(reads, compute))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synth_presets_are_all_offered_by_the_cli():
+    from hobbit_tools.cli import synth
+    from hobbit_tools.synth import PRESETS
+
+    choices = next(p for p in synth.params if p.name == "preset").type.choices
+    assert sorted(choices) == sorted(PRESETS)
+    q = PRESETS["qwen3-routing"]
+    assert (q.layers, q.experts, q.top_k) == (48, 128, 8)  # Qwen3-30B-A3B's routing
 
 
 def test_policy_switches_parse_and_bad_ones_are_named():
