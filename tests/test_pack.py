@@ -126,7 +126,7 @@ def test_cancelling_an_in_flight_prefetch_frees_its_slot_once_it_stops(paired):
     store.read = slow
     free = len(cache.arenas["high"].free)
     entry = cache.load((1, 3, "high"), PREFETCH, 0)
-    entry.protected_for = 1
+    cache.protect(entry, 1)
     while not entry.future.running():
         pass
     assert cache.cancel(entry)  # in flight: told to stop, its slot not yet free

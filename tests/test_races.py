@@ -113,7 +113,7 @@ def test_no_slot_is_freed_while_its_read_is_running(model, how):
     store.read = blocked_reads(store, release, started)
     loads = [cache.load((1, e, "high"), PREFETCH, 0) for e in range(3)]
     for entry in loads:
-        entry.protected_for = 1
+        cache.protect(entry, 1)
     assert started.acquire(timeout=10)  # the first prefetch is being read
     assert [e.state for e in loads] == ["LOADING"] * 3
     timer = threading.Timer(0.3, release.set)

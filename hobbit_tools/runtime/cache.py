@@ -13,6 +13,11 @@ An I/O job writes only the slot it was given (and a staging buffer leased for it
 PINNED or protected entry is never evicted; which READY entry to evict is the policy's call.
 Nothing frees a LOADING slot: `settle` stops every read and waits for it first (errors,
 close). No decisions about what to load live here: see `offload.py`.
+
+The control plane's cost per miss must not grow with the cache: per arena, each slot's key
+id and whether it may be evicted live in arrays (`Board`), updated by the transitions
+(`finish`, `pin`/`unpin`, `protect`, `drop`), so a victim is one masked pass of the policy's
+vectorised ranking over the slots, and prefetches awaiting a layer are indexed by it.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
+
 from .experts import Expert
 from .io import DEMAND, IOPool
 from .policies import Key, Policy
 from .store import ExpertStore, SlotArena
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     key: Key
     slot: int
+    id: int = -1  # the policy's key id
     future: Future | None = None
     expert: Expert | None = None
     pins: int = 0
@@ -43,12 +51,41 @@ class Entry:
         return self.expert is not None
 
     @property
+    def evictable(self) -> bool:
+        return self.ready and self.pins == 0 and self.protected_for is None and not self.stop
+
+    @property
     def state(self) -> str:
         if self.stop:
             return "STOPPING"
         if not self.ready:
             return "LOADING"
         return "PINNED" if self.pins else "READY"
+
+
+class Board:
+    """One arena's slots as arrays: the entry holding each, its key id and whether it may be
+    evicted now (READY, unpinned, unprotected)."""
+
+    def __init__(self, n: int):
+        self.entry: list[Entry | None] = [None] * n
+        self.ids = np.full(n, -1, np.int64)
+        self.evictable = np.zeros(n, bool)
+
+    def hold(self, entry: Entry) -> None:
+        self.entry[entry.slot] = entry
+        self.ids[entry.slot] = entry.id
+        self.evictable[entry.slot] = False
+
+    def update(self, entry: Entry) -> None:
+        if self.entry[entry.slot] is entry:
+            self.evictable[entry.slot] = entry.evictable
+
+    def let_go(self, entry: Entry) -> None:
+        if self.entry[entry.slot] is entry:
+            self.entry[entry.slot] = None
+            self.ids[entry.slot] = -1
+            self.evictable[entry.slot] = False
 
 
 class ExpertCache:
@@ -60,7 +97,9 @@ class ExpertCache:
             p: SlotArena(store.p[p].slot_bytes, budget // store.p[p].slot_bytes)
             for p, budget in budgets.items()
         }
+        self.boards = {p: Board(a.n) for p, a in self.arenas.items()}
         self.entries: dict[Key, Entry] = {}
+        self.awaiting: dict[int, dict[Key, Entry]] = {}  # layer -> prefetches protected for it
         self.stopping: list[Entry] = []  # reads told to stop; their slots free once they have
         self.evictions = 0
         self.stolen = 0  # prefetched entries given up to a demand load
@@ -72,15 +111,17 @@ class ExpertCache:
     def get(self, key: Key) -> Entry | None:
         return self.entries.get(key)
 
+    # -- transitions (the model's thread only) ---------------------------------------------
     def load(self, key: Key, priority: int, layer_now: int) -> Entry | None:
-        """Queue a read of `key` into a free or freed slot; None if every slot is in use.
-        A demand load may take the slot of a prefetch not yet used; a prefetch may not."""
+        """Queue a read of `key` into a free or freed slot (FREE -> LOADING); None if every
+        slot is in use. A demand load may take the slot of a prefetch not yet used; a
+        prefetch may not."""
         slot = self._free_slot(key[2], layer_now)
         if slot is None and priority == DEMAND:
             slot = self._steal_prefetch(key[2])
         if slot is None:
             return None
-        entry = Entry(key, slot)
+        entry = Entry(key, slot, self.policy.t.id(key))
 
         def between_chunks() -> bool:  # on the I/O thread: True = give up the read
             if priority != DEMAND and not entry.urgent:
@@ -90,23 +131,50 @@ class ExpertCache:
         read = partial(self.store.read, *key, self.arenas[key[2]].view(slot), stop=between_chunks)
         entry.future = self.pool.submit(read, priority)
         self.entries[key] = entry
+        self.boards[key[2]].hold(entry)
         return entry
 
     def finish(self, entry: Entry) -> None:
-        """The load completed: take the expert (raises the read's error, if any)."""
+        """The load completed (LOADING -> READY): take the expert (raises the read's error)."""
         if entry.expert is None:
             entry.expert = entry.future.result()
+            self.boards[entry.key[2]].update(entry)
+
+    def pin(self, entry: Entry) -> None:
+        """In use by the layer now running: never evicted until unpinned."""
+        entry.pins += 1
+        self.unprotect(entry)
+        self.boards[entry.key[2]].update(entry)
 
     def unpin(self, entry: Entry) -> None:
         entry.pins -= 1
         if not self.policy.keep and entry.pins == 0 and entry.protected_for is None:
             self.drop(entry)
+        else:
+            self.boards[entry.key[2]].update(entry)
+
+    def protect(self, entry: Entry, layer: int) -> None:
+        """A prefetch for `layer`: kept until that layer has run (or it is cancelled)."""
+        self.unprotect(entry)
+        entry.protected_for = layer
+        self.awaiting.setdefault(layer, {})[entry.key] = entry
+        self.boards[entry.key[2]].update(entry)
+
+    def unprotect(self, entry: Entry) -> None:
+        if entry.protected_for is not None:
+            self.awaiting.get(entry.protected_for, {}).pop(entry.key, None)
+            entry.protected_for = None
+            self.boards[entry.key[2]].update(entry)
+
+    def awaiting_layer(self, layer: int) -> list[Entry]:
+        """The prefetches protected for `layer`."""
+        return list(self.awaiting.pop(layer, {}).values())
 
     def cancel(self, entry: Entry) -> bool:
         """Drop an unused prefetch: cancelled if still queued, stopped if being read (its
-        slot is freed once the reader has let go of it), else just unprotected. Returns
-        whether a read was cancelled or stopped."""
-        entry.protected_for = None
+        slot is freed once the reader has let go of it: LOADING -> STOPPING), else just
+        unprotected. Returns whether a read was cancelled or stopped."""
+        self.unprotect(entry)
         if entry.pins == 0 and entry.future is not None and entry.future.cancel():
             self.drop(entry)
             return True
@@ -114,19 +182,20 @@ class ExpertCache:
             entry.stop = True
             if self.entries.get(entry.key) is entry:
                 del self.entries[entry.key]
-            self.stopping.append(entry)
+            self.stopping.append(entry)  # still holds its slot on the board
             return True
         if not self.policy.keep and entry.pins == 0 and entry.ready:
             self.drop(entry)
         return False
 
     def reap(self) -> None:
-        """Free the slots of stopped reads that have let go of them."""
+        """Free the slots of stopped reads that have let go of them (STOPPING -> FREE)."""
         if not self.stopping:
             return
         still = []
         for entry in self.stopping:
             if entry.future.done():
+                self.boards[entry.key[2]].let_go(entry)
                 self.arenas[entry.key[2]].release(entry.slot)
             else:
                 still.append(entry)
@@ -135,44 +204,52 @@ class ExpertCache:
     def drop(self, entry: Entry) -> None:
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
+            self.unprotect(entry)
             entry.expert = None
+            self.boards[entry.key[2]].let_go(entry)
             self.arenas[entry.key[2]].release(entry.slot)
 
     def free_slots(self, precision: str) -> int:
         """Slots a load of this precision could take now without touching pinned, protected
         or loading entries."""
         self.reap()
-        free = len(self.arenas[precision].free)
-        return free + sum(1 for e in self.entries.values() if self._evictable(e, precision))
-
-    def _evictable(self, e: Entry, precision: str) -> bool:
-        return e.key[2] == precision and e.pins == 0 and e.ready and e.protected_for is None
+        return len(self.arenas[precision].free) + int(
+            np.count_nonzero(self.boards[precision].evictable)
+        )
 
     def _free_slot(self, precision: str, layer_now: int) -> int | None:
         self.reap()
         slot = self.arenas[precision].acquire()
         if slot is not None:
             return slot
-        candidates = [k for k, e in self.entries.items() if self._evictable(e, precision)]
-        if not candidates:
+        board = self.boards[precision]
+        slots = np.flatnonzero(board.evictable)
+        if not len(slots):
             return None
-        victim = self.entries.pop(self.policy.victim(candidates, layer_now))
+        slot = int(slots[self.policy.pick(board.ids[slots], layer_now)])
+        victim = board.entry[slot]
+        del self.entries[victim.key]
         victim.expert = None
+        board.let_go(victim)
         self.evictions += 1
-        return victim.slot
+        return slot
 
     def _steal_prefetch(self, precision: str) -> int | None:
         """Last resort for a demand load: a protected prefetch, queued (cancel) or unused."""
-        for entry in list(self.entries.values()):
-            if entry.key[2] != precision or entry.protected_for is None or entry.pins:
-                continue
-            if entry.ready or entry.future.cancel():
-                del self.entries[entry.key]
-                entry.expert = None
-                self.stolen += 1
-                return entry.slot
+        for layer in list(self.awaiting):
+            for entry in list(self.awaiting[layer].values()):
+                if entry.key[2] != precision or entry.pins:
+                    continue
+                if entry.ready or entry.future.cancel():
+                    self.unprotect(entry)
+                    del self.entries[entry.key]
+                    entry.expert = None
+                    self.boards[precision].let_go(entry)
+                    self.stolen += 1
+                    return entry.slot
         return None
 
+    # -- errors and close ----------------------------------------------------------------------
     def settle(self) -> None:
         """Stop every read in flight (queued ones cancelled, running ones told to stop) and
         wait for each to end: afterwards no I/O thread writes into any slot."""
@@ -192,15 +269,24 @@ class ExpertCache:
         for entry in list(self.entries.values()):
             if not entry.ready:
                 self.drop(entry)
+                continue
             entry.pins = 0
-            entry.protected_for = None
+            self.unprotect(entry)
+            self.boards[entry.key[2]].update(entry)
         self.reap()
 
     def check(self) -> None:
-        """Asserts the slot state machine's invariant: each slot is FREE or held by exactly
-        one entry (cached or STOPPING). For tests and debugging."""
+        """Asserts the slot state machine's invariants: each slot is FREE or held by exactly
+        one entry (cached or STOPPING), and the board agrees. For tests and debugging."""
         for precision, arena in self.arenas.items():
-            held = [e.slot for e in [*self.entries.values(), *self.stopping]
-                    if e.key[2] == precision]  # fmt: skip
-            owned = held + arena.free
+            board = self.boards[precision]
+            held = [e for e in [*self.entries.values(), *self.stopping] if e.key[2] == precision]
+            owned = [e.slot for e in held] + arena.free
             assert sorted(owned) == list(range(arena.n)), (precision, sorted(owned), arena.n)
+            for e in held:
+                assert board.entry[e.slot] is e and board.ids[e.slot] == e.id
+                assert board.evictable[e.slot] == (e.evictable and e.key in self.entries)
+            for slot in arena.free:
+                assert board.entry[slot] is None and not board.evictable[slot]
+        for layer, waiting in self.awaiting.items():
+            assert all(e.protected_for == layer for e in waiting.values())

@@ -111,8 +111,7 @@ class OffloadedExperts:
             entry = self._lookup(layer, e, want, any(top1[r][k] for r, k in kept))
             if entry is not None:
                 self.c.hits += 1
-                entry.pins += 1
-                entry.protected_for = None
+                self.cache.pin(entry)
                 self.policy.touch(entry.key, self.tick, self.token)
                 if entry.ready:
                     ready.append((entry, rows, slots))
@@ -211,7 +210,7 @@ class OffloadedExperts:
             if entry is None:
                 return
             missing.pop(0)
-            entry.pins = 1
+            self.cache.pin(entry)
             self.policy.touch(key, self.tick, self.token)
             waiting[entry.future] = (entry, rows, slots)
             self._count_load(key[2])
@@ -248,7 +247,7 @@ class OffloadedExperts:
                     continue
                 entry = self.cache.load(key, PREFETCH, layer)
                 if entry is not None:
-                    entry.protected_for = target
+                    self.cache.protect(entry, target)
                     self.c.prefetch_loads += 1
                     self._count_load(key[2])
             # adaptive: look further ahead only while the nearer layers are already cached
@@ -262,10 +261,10 @@ class OffloadedExperts:
                 r = self.c.recall.setdefault(depth, [0, 0])
                 r[0] += len(predicted & actual)
                 r[1] += len(actual)
-        for entry in [e for e in self.cache.entries.values() if e.protected_for == layer]:
+        for entry in self.cache.awaiting_layer(layer):
             if entry.key[1] in actual:
                 self.c.prefetch_used += 1
-                entry.protected_for = None
+                self.cache.unprotect(entry)
             else:
                 self.c.prefetch_unused += 1
                 self.c.prefetch_cancelled += self.cache.cancel(entry)
