@@ -38,7 +38,7 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
-from ..runtime.budget import parse_memory, trim
+from ..runtime.budget import RUNTIME_FLOOR, available_memory, parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
 from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
 from ..runtime.offload import RouterView
@@ -61,6 +61,7 @@ PLANNED_CONTEXT = 1024
 # also serves tokens that wanted high), must stay within the budget less MARGIN of it, the
 # room kept for text nobody measured (the genres differ by about that much: docs/benchmarks.md).
 FIT_SHARE = 0.5
+WALK_MIN_TOKENS = 512
 MARGIN = 0.25
 FIT_ROUNDS = 3  # fits tried before the thresholds fall back to all-high
 KERNEL_MIN_GAIN = 0.97  # torch's kernels are chosen where they decode in <= 97% of ggml's time
@@ -114,11 +115,15 @@ def _profile(
     shard_paths = {
         p: files.dir / f"experts-{p}-{files.manifest['types'][p]}.gguf" for p in files.precisions
     }
-    parts = calibration_parts(calibration, tokenizer(files), max_tokens)
-
     # before anything large is loaded: what this process may use
     plan = default_memory(files, dtype, PLANNED_CONTEXT)
     budget = plan.budget if memory is None else parse_memory(memory, plan.experts)
+    fits = walk_tokens(cfg, plan.budget)
+    if fits < max_tokens:
+        say(f"calibrating on {fits} tokens, not {max_tokens}: the layer-by-layer pass holds "
+            f"~{walk_bytes_per_token(cfg) >> 10} KiB a token and {plan.budget >> 20} MiB "
+            "is free for it")  # fmt: skip
+    parts = calibration_parts(calibration, tokenizer(files), min(max_tokens, fits))
     if budget <= 0:
         raise HobbitError(
             f"no memory is left for experts: {plan.describe()}; give --memory, free memory or "
@@ -157,6 +162,7 @@ def _profile(
     }
     depth = fit_prefetch_depth(recall)
     fitted["memory_source"] = "given" if memory is not None else plan.describe()
+    fitted["calibration_tokens"] = sum(len(ids) for _, ids in parts)
     front, rounds = [], []
     if has_low:
         fitted["sensitivity"] = observer.sensitivity
@@ -359,6 +365,14 @@ def _trace_ids(windows: Windows, n: int) -> list[int]:
     return [t for p in parts for t in first[p][:each]][:n]
 
 
+def _backend(files, s: Strategy, budget: int, dtype, model, **kw):
+    """The runtime's backend for a decode inside the profile, its cache at `budget` or at
+    what the process may still use now where that is less: the profile holds calibration
+    state a run would not, and a cache past a memory limit is killed, not slowed."""
+    now = available_memory().bytes - RUNTIME_FLOOR
+    return build_backend(files, s, "high", min(budget, max(now, 0)), dtype, model, **kw)
+
+
 def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base: dict,
               names: list[str]) -> dict:  # fmt: skip
     """Every held-out piece decoded one token at a time under `chosen` at the budget (a
@@ -409,7 +423,7 @@ def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base
 def _decode_windows(model, files, dtype, budget, s: Strategy, windows: Windows) -> dict:
     """Each window decoded from an empty KV cache, one token at a time, through one backend
     under strategy `s`: per window its NLL, seconds and bytes read; the served shares."""
-    backend = build_backend(files, s, "high", budget, dtype, model)
+    backend = _backend(files, s, budget, dtype, model)
     model.experts = backend
     step = torch.empty(1, dtype=torch.long)
     rows = []
@@ -481,7 +495,7 @@ def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, 
 def _decode(model, files, dtype, budget, s: Strategy, ids, trace: bool = False, kernels=None):
     """Decode `ids` one token at a time under strategy `s`: (seconds, trace header, trace
     records), the trace parts None unless asked for."""
-    backend = build_backend(files, s, "high", budget, dtype, model, kernels=kernels)
+    backend = _backend(files, s, budget, dtype, model, kernels=kernels)
     model.experts = backend
     if trace:
         backend.start_trace()
@@ -505,6 +519,21 @@ def _close(model, backend) -> None:
     model.experts = None
     del backend
     gc.collect()
+
+
+def walk_bytes_per_token(cfg) -> int:
+    """What the layer-by-layer pass holds per calibration token at its peak (float32): the
+    residuals, their stacked copy, the combiner's per-slot outputs and its sum (~8 x hidden),
+    and the FFN intermediates of the experts a token is routed to (~4 x ffn x top-k / E of
+    them at once)."""
+    return 4 * (8 * cfg.hidden_size + 4 * cfg.expert_ffn * cfg.top_k // cfg.num_experts)
+
+
+def walk_tokens(cfg, free: int) -> int:
+    """Calibration tokens whose pass fits in `free` bytes (what the expert cache may use:
+    during the pass only one expert per precision is held), with a margin; never below
+    WALK_MIN_TOKENS, under which the fit is noise."""
+    return max(WALK_MIN_TOKENS, int(0.6 * free) // walk_bytes_per_token(cfg))
 
 
 def calibration_parts(path: str | Path | None, tok, max_tokens: int) -> list[tuple[str, list[int]]]:
