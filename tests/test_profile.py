@@ -336,7 +336,7 @@ def test_kernels_are_chosen_by_timed_decode(profiled, tmp_path, monkeypatch, win
     real = prof._decode
     timed = []
 
-    def decode(model, files, dtype, budget, s, ids, trace=False, kernels=None):
+    def decode(model, files, dtype, budget, s, ids, trace=False, kernels=None, reserve=0):
         if kernels is None:
             return real(model, files, dtype, budget, s, ids, trace)
         (path,) = set(kernels.values())

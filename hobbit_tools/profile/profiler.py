@@ -62,6 +62,7 @@ PLANNED_CONTEXT = 1024
 # room kept for text nobody measured (the genres differ by about that much: docs/benchmarks.md).
 FIT_SHARE = 0.5
 WALK_MIN_TOKENS = 512
+IO_THREADS = 2  # the runtime's default
 MARGIN = 0.25
 FIT_ROUNDS = 3  # fits tried before the thresholds fall back to all-high
 KERNEL_MIN_GAIN = 0.97  # torch's kernels are chosen where they decode in <= 97% of ggml's time
@@ -365,11 +366,11 @@ def _trace_ids(windows: Windows, n: int) -> list[int]:
     return [t for p in parts for t in first[p][:each]][:n]
 
 
-def _backend(files, s: Strategy, budget: int, dtype, model, **kw):
+def _backend(files, s: Strategy, budget: int, dtype, model, reserve: int = 0, **kw):
     """The runtime's backend for a decode inside the profile, its cache at `budget` or at
     what the process may still use now where that is less: the profile holds calibration
     state a run would not, and a cache past a memory limit is killed, not slowed."""
-    now = available_memory().bytes - RUNTIME_FLOOR
+    now = available_memory().bytes - RUNTIME_FLOOR - reserve
     return build_backend(files, s, "high", min(budget, max(now, 0)), dtype, model, **kw)
 
 
@@ -431,14 +432,14 @@ def _decode_windows(model, files, dtype, budget, s: Strategy, windows: Windows) 
         model.reset()
         b0 = backend.stats()["bytes_read"]
         t0 = time.perf_counter()
-        logits = []
-        for t in ids:
+        nll = 0.0
+        # scored token by token: a window's [T, vocab] logits kept for one cross entropy
+        # would be 32 MiB for 256 tokens of a 32k vocabulary (twice, stacked)
+        for t, want in zip(ids, target, strict=True):
             step[0] = t
-            logits.append(model.forward(step))
+            logit = model.forward(step).float().view(1, -1)
+            nll += float(torch.nn.functional.cross_entropy(logit, torch.tensor([want])))
         seconds = time.perf_counter() - t0
-        nll = torch.nn.functional.cross_entropy(
-            torch.stack(logits).float(), torch.tensor(target), reduction="sum"
-        )
         rows.append(
             {
                 "nll": float(nll),
@@ -465,11 +466,23 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
                        - set(UNPACKED_TYPES))  # fmt: skip
     if not quantized or not ggml.available():
         return {}, None
+    # torch's loads convert on the I/O threads: each holds a staged read and its float32
+    # dequantization (two per thread: a paused prefetch and a demand read) besides the cache
+    cfg = files.config
+    params = 3 * cfg.hidden_size * cfg.expert_ffn
+    reserve = {"ggml": 0, "torch": 2 * IO_THREADS * params * (4 + 2)}
+    if available_memory().bytes - RUNTIME_FLOOR - reserve["torch"] < budget // 2:
+        return dict.fromkeys(quantized, "ggml"), {"torch": "does not fit: its conversions "
+                                                  "would take the memory the cache needs"}  # fmt: skip
     runs: dict[str, list[float]] = {"ggml": [], "torch": []}
     for _ in range(2):
         for path in runs:
             kernels = dict.fromkeys(quantized, path)
-            runs[path].append(_decode(model, files, dtype, budget, chosen, ids, kernels=kernels)[0])
+            runs[path].append(
+                _decode(
+                    model, files, dtype, budget, chosen, ids, kernels=kernels, reserve=reserve[path]
+                )[0]  # fmt: skip
+            )
     timing = {p: statistics.median(v) for p, v in runs.items()} | {"tokens": len(ids)}
     path = "torch" if timing["torch"] <= KERNEL_MIN_GAIN * timing["ggml"] else "ggml"
     return dict.fromkeys(quantized, path), timing
@@ -492,10 +505,12 @@ def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, 
     }
 
 
-def _decode(model, files, dtype, budget, s: Strategy, ids, trace: bool = False, kernels=None):
+def _decode(
+    model, files, dtype, budget, s: Strategy, ids, trace: bool = False, kernels=None, reserve=0
+):
     """Decode `ids` one token at a time under strategy `s`: (seconds, trace header, trace
     records), the trace parts None unless asked for."""
-    backend = _backend(files, s, budget, dtype, model, kernels=kernels)
+    backend = _backend(files, s, budget, dtype, model, kernels=kernels, reserve=reserve)
     model.experts = backend
     if trace:
         backend.start_trace()
@@ -601,7 +616,9 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
                 + " (one expert, warm in the CPU's cache)"
             )
     kt = fitted.get("kernel_timing")
-    if kt:
+    if kt and "tokens" not in kt:
+        lines.append(f"- kernels {runtime.get('kernels')}: torch's {kt['torch']}")
+    elif kt:
         lines.append(
             f"- decode of {kt['tokens']} tokens under the chosen strategy: ggml {kt['ggml']:.2f} s, "
             f"torch {kt['torch']:.2f} s -> kernels {runtime.get('kernels')}"
