@@ -186,8 +186,11 @@ def test_fitted_thresholds_are_per_expert_and_validated(profiled):
         assert rt.info["policy"] == "tuned"
         out = rt.generate("Once upon a time", max_new_tokens=6, seed=0)
         assert sum(out.stats["share"].values()) > 0.99  # served under per-expert thresholds
-    else:
-        assert all(t["index"] is None for t in f["threshold_rounds"])
+    else:  # no fit was found, or the held-out pieces rejected every one
+        assert all(
+            t["index"] is None or t["worst_held_ratio"] > 1 + 0.01 * 0.75
+            for t in f["threshold_rounds"]
+        ), f["threshold_rounds"]
     s = val["speed"]
     assert s["tuned_tok_s"] > 0 and s["lru_tok_s"] > 0 and s["lru_bytes_per_token"] > 0
     report = (d / "model" / "profile-report.md").read_text()
