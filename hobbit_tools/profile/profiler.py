@@ -40,8 +40,9 @@ from .. import validate
 from ..errors import HobbitError
 from ..runtime.budget import RUNTIME_FLOOR, available_memory, parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
+from ..runtime.io import READS_PER_THREAD
 from ..runtime.loader import ModelFiles, build_model, compute_dtype, tokenizer
-from ..runtime.offload import RouterView
+from ..runtime.offload import OffloadOptions, RouterView
 from ..runtime.pack import UNPACKED_TYPES
 from ..runtime.precision import PrecisionRule
 from ..runtime.store import ExpertStore, SlotArena
@@ -62,7 +63,6 @@ PLANNED_CONTEXT = 1024
 # room kept for text nobody measured (the genres differ by about that much: docs/benchmarks.md).
 FIT_SHARE = 0.5
 WALK_MIN_TOKENS = 512
-IO_THREADS = 2  # the runtime's default
 MARGIN = 0.25
 FIT_ROUNDS = 3  # fits tried before the thresholds fall back to all-high
 KERNEL_MIN_GAIN = 0.97  # torch's kernels are chosen where they decode in <= 97% of ggml's time
@@ -467,10 +467,11 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
     if not quantized or not ggml.available():
         return {}, None
     # torch's loads convert on the I/O threads: each holds a staged read and its float32
-    # dequantization (two per thread: a paused prefetch and a demand read) besides the cache
+    # dequantization, per read in flight, besides the cache
     cfg = files.config
     params = 3 * cfg.hidden_size * cfg.expert_ffn
-    reserve = {"ggml": 0, "torch": 2 * IO_THREADS * params * (4 + 2)}
+    in_flight = READS_PER_THREAD * OffloadOptions.io_threads
+    reserve = {"ggml": 0, "torch": in_flight * params * (4 + 2)}
     if available_memory().bytes - RUNTIME_FLOOR - reserve["torch"] < budget // 2:
         return dict.fromkeys(quantized, "ggml"), {"torch": "does not fit: its conversions "
                                                   "would take the memory the cache needs"}  # fmt: skip

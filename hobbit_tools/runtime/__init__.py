@@ -11,6 +11,7 @@ from .. import validate
 from ..errors import HobbitError
 from .budget import return_large_blocks
 from .generate import Chunk, Generation, Runtime, SamplingParams
+from .io import READS_PER_THREAD
 from .loader import (
     ModelFiles,
     build_model,
@@ -196,27 +197,30 @@ def load(
         # conversion after the read)
         "packed": _packed(backend),
         # per expert precision: which kernels compute it ("ggml" on the GGUF bytes, "torch")
-        "kernels": {n: p.kernel for n, p in getattr(backend, "store", None).p.items()}
-        if hasattr(backend, "store")
-        else {},
+        "kernels": _kernels(backend),
     }
     return Runtime(model, tokenizer(files), info)
 
 
 def _staging_bytes(backend, io_threads: int) -> int:
-    """Staging buffers of the torch kernels' loads, at most two per I/O thread (a paused
-    prefetch and the demand read run meanwhile; ggml's loads read into the slot)."""
+    """Staging buffers of the torch kernels' loads, one per read in flight (ggml's loads read
+    into the slot)."""
     store = getattr(backend, "store", None)
     if store is None:
         return 0
     torch_loads = [p.staging_bytes for p in store.p.values() if p.kernel == "torch" and not p.pack]
-    return 2 * io_threads * max(torch_loads, default=0)
+    return READS_PER_THREAD * io_threads * max(torch_loads, default=0)
 
 
 def _caches(policy: str | Strategy | None) -> bool:
     """Whether `policy` (None: the default) needs an expert budget or may load them all."""
     cache = policy.cache if isinstance(policy, Strategy) else policy
     return cache not in ("resident", "ondemand")
+
+
+def _kernels(backend) -> dict[str, str]:
+    store = getattr(backend, "store", None)
+    return {} if store is None else {n: p.kernel for n, p in store.p.items()}
 
 
 def _packed(backend) -> dict[str, bool]:

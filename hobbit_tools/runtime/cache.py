@@ -203,11 +203,15 @@ class ExpertCache:
 
     def drop(self, entry: Entry) -> None:
         if self.entries.get(entry.key) is entry:
-            del self.entries[entry.key]
-            self.unprotect(entry)
-            entry.expert = None
-            self.boards[entry.key[2]].let_go(entry)
-            self.arenas[entry.key[2]].release(entry.slot)
+            self.arenas[entry.key[2]].release(self._take(entry))
+
+    def _take(self, entry: Entry) -> int:
+        """Forget `entry` (cached, not loading); its slot passes to the caller, not freed."""
+        del self.entries[entry.key]
+        self.unprotect(entry)
+        entry.expert = None
+        self.boards[entry.key[2]].let_go(entry)
+        return entry.slot
 
     def free_slots(self, precision: str) -> int:
         """Slots a load of this precision could take now without touching pinned, protected
@@ -226,13 +230,9 @@ class ExpertCache:
         slots = np.flatnonzero(board.evictable)
         if not len(slots):
             return None
-        slot = int(slots[self.policy.pick(board.ids[slots], layer_now)])
-        victim = board.entry[slot]
-        del self.entries[victim.key]
-        victim.expert = None
-        board.let_go(victim)
+        victim = board.entry[int(slots[self.policy.pick(board.ids[slots], layer_now)])]
         self.evictions += 1
-        return slot
+        return self._take(victim)
 
     def _steal_prefetch(self, precision: str) -> int | None:
         """Last resort for a demand load: a protected prefetch, queued (cancel) or unused."""
@@ -241,12 +241,8 @@ class ExpertCache:
                 if entry.key[2] != precision or entry.pins:
                     continue
                 if entry.ready or entry.future.cancel():
-                    self.unprotect(entry)
-                    del self.entries[entry.key]
-                    entry.expert = None
-                    self.boards[precision].let_go(entry)
                     self.stolen += 1
-                    return entry.slot
+                    return self._take(entry)
         return None
 
     # -- errors and close ----------------------------------------------------------------------

@@ -45,15 +45,18 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)
 
 
+# reads one I/O thread can have in flight at once: a prefetch paused between its chunks and
+# the demand read it runs meanwhile (`IOPool.yield_to_demand`)
+READS_PER_THREAD = 2
+
+
 class Buffers:
     """Aligned buffers of `nbytes`, each lent to one read at a time (`lease`). A buffer is
-    never shared by two reads in flight: a prefetch paused between its chunks and the demand
-    read its thread runs meanwhile (`IOPool.yield_to_demand`) each hold their own. At most
-    two per I/O thread are ever made (a paused prefetch and one demand read)."""
+    never shared by two reads in flight: a paused prefetch and the demand read its thread
+    runs meanwhile each hold their own, so at most READS_PER_THREAD per I/O thread are made."""
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.made = 0
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -61,8 +64,6 @@ class Buffers:
     def lease(self) -> Iterator[np.ndarray]:
         with self._lock:
             buf = self._free.pop() if self._free else None
-            if buf is None:
-                self.made += 1
         if buf is None:
             buf = aligned_buffer(self.nbytes)
         try:
