@@ -122,3 +122,45 @@ def test_q8_0_dense_shard_runs_on_its_bytes(tmp_path, tokenizer_dir):
     assert rel(q8.logits(ids), f32.logits(ids)) < 0.35
     off = hobbit_tools.load(tmp_path / "Q8_0", memory="50%")
     assert torch.equal(off.logits(ids), q8.logits(ids))
+
+
+def _repacked(qtype, shape, seed=0):
+    """A matrix's GGUF bytes and a copy repacked into ggml's interleaved layout."""
+    raw = _raw(qtype, *shape, seed)
+    if not ggml.repack_traits(qtype, shape):
+        pytest.skip(f"this ggml build has no interleaved layout for {qtype} {shape} on this CPU")
+    copy = raw.copy()
+    w = ggml.repack(ggml.Weight(copy.ctypes.data, qtype, shape))
+    return raw, copy, w
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q4_0"])
+@pytest.mark.parametrize("tokens", [1, 5])  # ggml's interleaved gemv, and its 4-row gemm
+def test_repacked_weight_matches_reference(qtype, tokens):
+    shape = (64, 512)
+    raw, copy, w = _repacked(qtype, shape)
+    assert w.traits and copy.size == raw.size and not np.array_equal(copy, raw)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(4))
+    ref = reference_linear(x, raw, qtype, shape)
+    assert rel(ggml.linear(x, w), ref) < tol(qtype)
+    # the bytes alone are no longer GGUF's: read as plain Q4_K they compute something else
+    assert not rel(ggml.linear(x, ggml.Weight(copy.ctypes.data, qtype, shape)), ref) < 0.1
+
+
+def test_repacked_expert_one_token_graph_equals_its_many_token_graph():
+    d, f = 256, 512
+    parts = [_repacked("Q4_K", s, seed) for seed, s in enumerate([(f, d), (f, d), (d, f)])]
+    mats = tuple(w for _, _, w in parts)
+    graph = ggml.ExpertFFN(*mats)
+    plain = tuple(ggml.Weight(r.ctypes.data, "Q4_K", w.shape) for r, _, w in parts)
+    for seed in range(2):
+        x = torch.randn(1, d, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(graph(x), ggml.ffn(x, *mats))
+        assert rel(graph(x), ggml.ffn(x, *plain)) < 2 * TOL_Q
+
+
+def test_no_repack_where_ggml_has_no_layout():
+    raw = _raw("Q4_K", 33, 768)  # 33 rows: the interleaved layouts take rows in 4s or 8s
+    w = ggml.Weight(raw.ctypes.data, "Q4_K", (33, 768))
+    before = raw.copy()
+    assert ggml.repack(w) == w and np.array_equal(raw, before)

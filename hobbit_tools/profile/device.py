@@ -327,13 +327,19 @@ def _probe_kernels(shapes, qtypes, tokens, dtype, weights, d_in, out) -> dict:
 
 def _probe_ggml(raws, qt: str, shapes, tokens, d_in: int) -> dict | None:
     """The same expert computed by ggml on its GGUF bytes (no conversion: the bytes read are
-    the bytes computed on): {"T1_s": .., "T64_s": ..}, or None where ggml cannot."""
+    the bytes computed on, repacked in place where ggml has a layout for them):
+    {"T1_s": .., "T64_s": ..}, or None where ggml cannot."""
     from ..runtime import ggml
     from ..runtime.pack import UNPACKED_TYPES
 
     if not ggml.available() or qt not in ggml.TYPES or qt in UNPACKED_TYPES:
         return None
-    mats = [(r.data_ptr(), qt, tuple(int(v) for v in s)) for r, s in zip(raws, shapes, strict=True)]
+    # as the store holds them: repacked where ggml has an interleaved layout here (a copy)
+    raws = [r.clone() for r in raws]
+    mats = [
+        ggml.repack(ggml.Weight(r.data_ptr(), qt, tuple(int(v) for v in s)))
+        for r, s in zip(raws, shapes, strict=True)
+    ]
     threads = ggml.threads()
     ggml.set_threads(1)
     try:

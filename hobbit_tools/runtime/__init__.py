@@ -204,12 +204,13 @@ def load(
 
 def _staging_bytes(backend, io_threads: int) -> int:
     """Staging buffers of the torch kernels' loads, one per read in flight (ggml's loads read
-    into the slot)."""
+    into the slot), and the scratch of ggml's repacking, one per reading thread."""
     store = getattr(backend, "store", None)
     if store is None:
         return 0
     torch_loads = [p.staging_bytes for p in store.p.values() if p.kernel == "torch" and not p.pack]
-    return READS_PER_THREAD * io_threads * max(torch_loads, default=0)
+    repack = (io_threads + 1) * store.repack_scratch_bytes()  # + the model's thread
+    return READS_PER_THREAD * io_threads * max(torch_loads, default=0) + repack
 
 
 def _caches(policy: str | Strategy | None) -> bool:

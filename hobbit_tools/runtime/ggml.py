@@ -4,8 +4,14 @@ A thin ctypes binding to the prebuilt ggml of the `libggml-python` wheel: a weig
 pointer to its exact GGUF bytes (an expert's slot in the cache, a dense tensor in RAM),
 activations are float32 torch tensors. Each call builds a tiny graph in reused memory
 (two `ggml_init` on our own buffers, a few tensor headers whose `data` we point at the
-weights and the input) and runs it on a persistent ggml thread pool: no weight is copied or
-converted, ever. `ffn` computes a whole expert, down(silu(gate x) * up x), in one graph.
+weights and the input) and runs it on a persistent ggml thread pool. `ffn` computes a whole
+expert, down(silu(gate x) * up x), in one graph.
+
+Where ggml has an interleaved layout for a type on this CPU (its CPU_REPACK buffer type:
+Q4_K in 8x8 blocks on AVX2, Q4_0, IQ4_NL, MXFP4, ...; llama.cpp does the same when it
+loads), `repack` rewrites a matrix in place, same size, right after its read, and a `Weight`
+remembers it (`traits`); ggml then runs its faster kernels for that layout. Nothing else is
+ever converted.
 
 Struct layouts follow `ggml.h`/`ggml-cpu.h` of ggml 0.20 (the wheel's version); `available()`
 is False, with a reason, where the library is missing or does not load, and callers then
@@ -15,8 +21,10 @@ use torch's kernels.
 from __future__ import annotations
 
 import ctypes as C
+import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -64,6 +72,16 @@ _T = C.POINTER(_Tensor)
 _DATA = _Tensor.data.offset
 
 
+class Weight(NamedTuple):
+    """A matrix as ggml computes it: the address of its bytes, GGUF type, (out, in), and
+    where `repack` rewrote it in ggml's interleaved layout, that layout's traits (else 0)."""
+
+    ptr: int
+    qtype: str
+    shape: tuple[int, int]
+    traits: int = 0
+
+
 class _Lib:
     """The loaded library with typed entry points."""
 
@@ -102,6 +120,55 @@ class _Lib:
             for f in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8", "llamafile")
         }
         self.cpu_init()
+        self._quiet_logs()
+        self.repack_buffer = self._repack_buffer()
+        self.init_tensor = fn(base, "ggml_backend_buffer_init_tensor", C.c_int, vp, _T)
+        self.tensor_set = fn(base, "ggml_backend_tensor_set", None, _T, vp, sz, sz)
+
+    def _quiet_logs(self) -> None:
+        """ggml logs every repacked tensor at debug level; pass on warnings and errors only."""
+
+        def log(level, text, _):
+            if level >= 3 and level != 5:  # GGML_LOG_LEVEL_WARN, _ERROR (5: CONT)
+                sys.stderr.write(text.decode(errors="replace"))
+
+        self._log = C.CFUNCTYPE(None, C.c_int, C.c_char_p, C.c_void_p)(log)  # kept alive
+        setter = getattr(self.base, "ggml_log_set", None)
+        if setter is not None:
+            setter.restype, setter.argtypes = None, [C.c_void_p, C.c_void_p]
+            setter(self._log, None)
+
+    def _repack_buffer(self) -> int | None:
+        """A small buffer of ggml's CPU_REPACK type: a tensor whose `buffer` is it (and whose
+        `extra` its init set) is computed by the interleaved kernels; None where this build
+        has none."""
+        vp = C.c_void_p
+        try:
+            reg_fn, proc = (
+                self.cpu.ggml_backend_cpu_reg,
+                self.base.ggml_backend_reg_get_proc_address,
+            )
+            dev_get, alloc = (
+                self.base.ggml_backend_reg_dev_get,
+                self.base.ggml_backend_buft_alloc_buffer,
+            )
+            name = self.base.ggml_backend_buft_name
+        except AttributeError:
+            return None
+        reg_fn.restype, proc.restype, dev_get.restype, alloc.restype = vp, vp, vp, vp
+        proc.argtypes, dev_get.argtypes = [vp, C.c_char_p], [vp, C.c_size_t]
+        alloc.argtypes, name.restype, name.argtypes = [vp, C.c_size_t], C.c_char_p, [vp]
+        reg = reg_fn()
+        extra = proc(reg, b"ggml_backend_dev_get_extra_bufts")
+        if not extra:
+            return None
+        bufts = C.CFUNCTYPE(C.POINTER(vp), vp)(extra)(dev_get(reg, 0))
+        i = 0
+        while bufts and bufts[i]:
+            if name(bufts[i]) == b"CPU_REPACK":
+                return alloc(bufts[i], 4096) or None
+            i += 1
+        return None
 
 
 _lib: _Lib | None = None
@@ -153,6 +220,85 @@ TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "
 
 def type_id(qtype: str) -> int:
     return int(gguf.GGMLQuantizationType[qtype])
+
+
+_traits: dict[tuple[str, int, int], int] = {}
+_traits_lock = threading.Lock()
+
+
+def repack_traits(qtype: str, shape: tuple[int, int]) -> int:
+    """The interleaved layout ggml would give a (out, in) matrix of `qtype` on this CPU (an
+    opaque, process-wide pointer), or 0 where it has none (type, CPU or row count)."""
+    lb = lib()
+    if lb is None or lb.repack_buffer is None or qtype not in TYPES:
+        return 0
+    key = (qtype, int(shape[0]), int(shape[1]))
+    with _traits_lock:
+        if key not in _traits:
+            meta = np.empty(lb.tensor_overhead() + 256, np.uint8)
+            ctx = lb.init(_InitParams(meta.size, meta.ctypes.data, True))
+            try:
+                t = lb.new_2d(ctx, type_id(qtype), key[2], key[1])
+                t.contents.buffer = lb.repack_buffer
+                lb.init_tensor(lb.repack_buffer, t)
+                _traits[key] = t.contents.extra or 0
+            finally:
+                lb.free(ctx)
+        return _traits[key]
+
+
+class _RepackScratch(threading.local):
+    def __init__(self):
+        self.buf = np.empty(0, np.uint8)
+
+
+_repack_scratch = _RepackScratch()
+
+
+def repack(w: Weight) -> Weight:
+    """Rewrite `w`'s bytes in place in ggml's interleaved layout for this CPU (same size; a
+    copy of the GGUF bytes on a per-thread scratch is its source). Returns the weight as
+    ggml must now see it; unchanged where the type has no such layout. The bytes are no
+    longer GGUF's: checksum them before."""
+    traits = repack_traits(w.qtype, w.shape)
+    if not traits or w.traits:
+        return w
+    lb = lib()
+    nbytes = lb.row_size(type_id(w.qtype), w.shape[1]) * w.shape[0]
+    if _repack_scratch.buf.size < nbytes:
+        _repack_scratch.buf = np.empty(nbytes, np.uint8)
+    src = _repack_scratch.buf
+    C.memmove(src.ctypes.data, w.ptr, nbytes)
+    meta = np.empty(lb.tensor_overhead() + 256, np.uint8)
+    ctx = lb.init(_InitParams(meta.size, meta.ctypes.data, True))
+    try:
+        t = _weight_leaf(lb, ctx, w._replace(traits=traits))
+        lb.tensor_set(t, src.ctypes.data, 0, nbytes)
+    finally:
+        lb.free(ctx)
+    return w._replace(traits=traits)
+
+
+def repack_scratch_bytes(weights) -> int:
+    """What `repack` holds per thread for these weights (its scratch: the largest one)."""
+    lb = lib()
+    sizes = [
+        lb.row_size(type_id(w.qtype), w.shape[1]) * w.shape[0]
+        for w in weights
+        if repack_traits(w.qtype, w.shape)
+    ]
+    return max(sizes, default=0)
+
+
+def _weight_leaf(lb: _Lib, ctx, w: Weight) -> _T:
+    """A tensor header for `w` in `ctx`: its bytes, and where repacked, the repack buffer and
+    layout traits that route ggml's matmul to the interleaved kernels."""
+    t = lb.new_2d(ctx, type_id(w.qtype), w.shape[1], w.shape[0])
+    _set_data(t, w.ptr)
+    if w.traits:
+        t.contents.buffer = lb.repack_buffer
+        t.contents.extra = w.traits
+    return t
 
 
 class _Pool:
@@ -239,6 +385,9 @@ class _Graph:
         _set_data(t, ptr)
         return t
 
+    def weight(self, w: Weight) -> _T:
+        return _weight_leaf(self.lb, self.leaf, w)
+
     def run(self, out: _T) -> np.ndarray:
         lb = self.lb
         g = lb.new_graph(self.ops, _GRAPH_NODES, False)
@@ -259,13 +408,14 @@ class _Graph:
         self.lb.free(self.leaf)
 
 
-def linear(x: torch.Tensor, w: tuple[int, str, tuple[int, int]]) -> torch.Tensor:
-    """x [T, in] float32 contiguous; w = (pointer to GGUF bytes, type, (out, in)) -> [T, out]."""
-    ptr, qtype, (n, k) = w
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x [T, in] float32 contiguous; w a Weight (out, in) -> [T, out]."""
+    w = Weight(*w)
+    n, k = w.shape
     x = _f32(x)
     g = _Graph(4 * x.shape[0] * n, 4)
     try:
-        w_t, x_t = g.leaf2d(qtype, k, n, ptr), g.leaf2d("F32", k, x.shape[0], _ptr(x))
+        w_t, x_t = g.weight(w), g.leaf2d("F32", k, x.shape[0], _ptr(x))
         y = g.run(g.lb.mul_mat(g.ops, w_t, x_t))
         return torch.from_numpy(y.copy())
     finally:
@@ -277,14 +427,15 @@ def ffn(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     in one graph and one compute call. Returns float32 [T, D]."""
     x = _f32(x)
     t = x.shape[0]
-    (pg, qg, (f, d)), (pu, qu, _), (pd, qd, _) = gate, up, down
+    gate, up, down = Weight(*gate), Weight(*up), Weight(*down)
+    f, d = gate.shape
     g = _Graph(4 * t * (3 * f + d), 8)
     try:
         lb = g.lb
         xt = g.leaf2d("F32", d, t, _ptr(x))
-        hg = lb.mul_mat(g.ops, g.leaf2d(qg, d, f, pg), xt)
-        hu = lb.mul_mat(g.ops, g.leaf2d(qu, d, f, pu), xt)
-        y = g.run(lb.mul_mat(g.ops, g.leaf2d(qd, f, d, pd), lb.swiglu(g.ops, hg, hu)))
+        hg = lb.mul_mat(g.ops, g.weight(gate), xt)
+        hu = lb.mul_mat(g.ops, g.weight(up), xt)
+        y = g.run(lb.mul_mat(g.ops, g.weight(down), lb.swiglu(g.ops, hg, hu)))
         return torch.from_numpy(y.copy())
     finally:
         g.close()
@@ -295,21 +446,20 @@ def ffn_oai(x: torch.Tensor, gate, up, down, biases, alpha: float, limit: float)
     + b_d with ggml's clamped SwiGLU, in one graph. x [T, D]; biases float32 [F], [F], [D]."""
     x = _f32(x)
     t = x.shape[0]
-    (pg, qg, (f, d)), (pu, qu, _), (pd, qd, _) = gate, up, down
+    gate, up, down = Weight(*gate), Weight(*up), Weight(*down)
+    f, d = gate.shape
     bg, bu, bd = (_f32(b) for b in biases)
     g = _Graph(4 * t * (5 * f + 2 * d), 10)
     try:
         lb = g.lb
         xt = g.leaf2d("F32", d, t, _ptr(x))
 
-        def affine(qtype, cols, rows, ptr, inp, bias):  # W inp + b, b broadcast over tokens
-            y = lb.mul_mat(g.ops, g.leaf2d(qtype, cols, rows, ptr), inp)
-            return lb.add(g.ops, y, g.leaf2d("F32", rows, 1, _ptr(bias)))
+        def affine(w: Weight, inp, bias):  # W inp + b, b broadcast over tokens
+            y = lb.mul_mat(g.ops, g.weight(w), inp)
+            return lb.add(g.ops, y, g.leaf2d("F32", w.shape[0], 1, _ptr(bias)))
 
-        h = lb.swiglu_oai(
-            g.ops, affine(qg, d, f, pg, xt, bg), affine(qu, d, f, pu, xt, bu), alpha, limit
-        )
-        return torch.from_numpy(g.run(affine(qd, f, d, pd, h, bd)).copy())
+        h = lb.swiglu_oai(g.ops, affine(gate, xt, bg), affine(up, xt, bu), alpha, limit)
+        return torch.from_numpy(g.run(affine(down, h, bd)).copy())
     finally:
         g.close()
 
@@ -395,11 +545,12 @@ class ExpertFFN(_OneToken):
     shared by every expert of the same shape. Tokens > 1 (prefill) go through `ffn`."""
 
     def __init__(self, gate, up, down):
-        (_, qg, (f, d)), (_, qu, _), (_, qd, _) = gate, up, down
+        ws = [Weight(*w) for w in (gate, up, down)]
+        f, d = ws[0].shape
         super().__init__(_shapes.get(d, f), 10)
         lb, b = self.lb, self.bufs
         x = self.leaf("F32", d, 1, b["x"])
-        self.w = [self.leaf(qg, d, f, None), self.leaf(qu, d, f, None), self.leaf(qd, f, d, None)]
+        self.w = [_weight_leaf(lb, self.ctx, w) for w in ws]  # layouts fixed per graph
         hg, hu = lb.mul_mat(self.ctx, self.w[0], x), lb.mul_mat(self.ctx, self.w[1], x)
         _set_data(hg, b["g"].ctypes.data)
         _set_data(hu, b["u"].ctypes.data)
@@ -430,9 +581,8 @@ class Linear(_OneToken):
         bufs["work"] = np.zeros(0, np.uint8)
         super().__init__(bufs, 3)
         self.raw, self.qtype, self.shape = raw.contiguous(), qtype, (n, k)
-        self.mat = (self.raw.data_ptr(), qtype, self.shape)
-        w = self.leaf(qtype, k, n, None)
-        _set_data(w, self.mat[0])
+        self.mat = Weight(self.raw.data_ptr(), qtype, self.shape)
+        w = _weight_leaf(self.lb, self.ctx, self.mat)
         self.finish(self.lb.mul_mat(self.ctx, w, self.leaf("F32", k, 1, self.bufs["x"])))
 
     @property

@@ -5,10 +5,12 @@ shard. `ExpertStore.read(layer, expert, precision, slot)` puts it in `slot` (an 
 a cached expert lives entirely in it, so the cache's bytes are exactly its slots' bytes and
 a load allocates nothing that outlives it), by the precision's kernel:
 
-* ``ggml`` (quantized types, where ggml loads): the slot holds the expert's exact GGUF
-  bytes. A load is three direct reads straight into the slot and a crc32 check of the bytes
-  read, nothing else; ggml's kernels (`ggml.py`, the ones llama.cpp runs) compute on them
-  in place. No staging buffer, no conversion: the bytes in RAM are the bytes on disk.
+* ``ggml`` (quantized types, where ggml loads): the slot holds the expert's GGUF bytes. A
+  load is three direct reads straight into the slot and a crc32 check of the bytes read;
+  ggml's kernels (`ggml.py`, the ones llama.cpp runs) compute on them in place. Where ggml
+  has an interleaved layout for the type on this CPU (Q4_K, Q4_0, MXFP4, ...), the checked
+  bytes are repacked in place, same size, as llama.cpp does when it loads. No staging
+  buffer, no conversion to another type.
 * ``torch``: the slices are read into a staging buffer leased for this read alone, checked,
   converted for
   torch's kernels (`QLinear.from_raw`) and moved into the slot; where the precision has a
@@ -200,13 +202,24 @@ class ExpertStore:
         return Expert(*linears, nbytes=offset, dtype=self.kernel_dtype(p.qtype))
 
     def _read_gguf(self, p: Precision, layer: int, expert: int, slot: np.ndarray, stop):
-        """The expert's GGUF bytes read straight into `slot`, checked, computed in place."""
+        """The expert's GGUF bytes read straight into `slot`, checked, then (where ggml has
+        an interleaved layout for the type here) repacked in place; computed there."""
         views = self._read_parts(p, layer, expert, slot, stop)
         mats = tuple(
-            (v.ctypes.data, p.qtype, s.shape)
+            ggml.repack(ggml.Weight(v.ctypes.data, p.qtype, s.shape))
             for v, s in zip(views, p.slices[(layer, expert)], strict=True)
         )
         return GGUFExpert(mats, p.expert_bytes, slot, self._graphs)
+
+    def repack_scratch_bytes(self) -> int:
+        """What repacking after a read holds per reading thread (ggml.repack's scratch)."""
+        weights = [
+            ggml.Weight(0, p.qtype, s.shape)
+            for p in self.p.values()
+            if p.kernel == "ggml"
+            for s in next(iter(p.slices.values()))
+        ]
+        return ggml.repack_scratch_bytes(weights) if weights else 0
 
     def _view(self, p: Precision, slot: np.ndarray) -> Expert:
         linears = [copy.copy(t) for t in p.template]
