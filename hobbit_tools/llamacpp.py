@@ -73,7 +73,11 @@ def _child(split: str, prompts: list[str], n: int, threads: int, context: int) -
 
     import llama_cpp
 
-    lm = llama_cpp.Llama(split, n_ctx=context, n_threads=threads, verbose=False)
+    # n_threads_batch too: llama-cpp-python's default for it is every core, which would
+    # give its prefill more threads than the engine it is compared with
+    lm = llama_cpp.Llama(
+        split, n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     decode_s = prefill_s = 0.0
     decoded = prefilled = 0
     for prompt in prompts:

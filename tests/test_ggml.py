@@ -164,3 +164,16 @@ def test_no_repack_where_ggml_has_no_layout():
     w = ggml.Weight(raw.ctypes.data, "Q4_K", (33, 768))
     before = raw.copy()
     assert ggml.repack(w) == w and np.array_equal(raw, before)
+
+
+def test_build_hint_names_what_the_build_leaves_unused():
+    have = ggml.cpu_features()
+    hint = ggml.build_hint({"avx2", "avx512f"})
+    if have.get("avx512") and have.get("llamafile"):
+        assert hint is None
+    else:
+        assert hint and ggml.BUILD_FOR_THIS_CPU in hint
+        assert ("AVX512" in hint) == (not have.get("avx512"))
+        assert ("llamafile" in hint) == (not have.get("llamafile"))
+    if have.get("llamafile"):
+        assert ggml.build_hint({"avx2"}) is None  # an AVX2 CPU has nothing more to gain

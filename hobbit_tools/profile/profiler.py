@@ -38,6 +38,7 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
+from ..runtime import ggml
 from ..runtime.budget import RUNTIME_FLOOR, available_memory, parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
 from ..runtime.io import READS_PER_THREAD
@@ -225,6 +226,8 @@ def _profile(
         chosen = _strategy(cache["best"], None, depth)
         val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
     say("4/5 timing decode on ggml's kernels and on torch's")
+    if ggml.build_hint():
+        say(f"note: {ggml.build_hint()}")
     kernels, kernel_timing = _kernel_choice(
         model, files, dtype, budget, chosen, store, _trace_ids(fit_w, 32 if quick else 64)
     )
@@ -616,6 +619,9 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
                 + ", ".join(f"{name} {v * 1e3:.2f} ms" for name, v in k["ggml"].items())
                 + " (one expert, warm in the CPU's cache)"
             )
+    hint = ggml.build_hint()
+    if hint:
+        lines.append(f"- {hint}")
     kt = fitted.get("kernel_timing")
     if kt and "tokens" not in kt:
         lines.append(f"- kernels {runtime.get('kernels')}: torch's {kt['torch']}")
