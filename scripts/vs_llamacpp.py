@@ -161,7 +161,8 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(
-        f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | prefill hobbit / llama.cpp | hobbit run"
+        f"\n{'limit':>8} | {'hobbit':>16} | {'llama.cpp':>16} | ratio | prefill hobbit / llama.cpp "
+        "| peak MiB hobbit / llama.cpp | hobbit run"
     )
     for row in rows:
         med, pre = {}, {}
@@ -184,8 +185,11 @@ def main() -> None:
             else (row["hobbit"][-1].get("error") or ["?"])[-1]
         )
         fmt = lambda v: f"{v:.2f} tok/s" if v else "failed"  # noqa: E731
+        peaks = [max((x.get("peak_bytes") or 0 for x in row[w]), default=0) >> 20 for w in med]
+        peak = " / ".join(str(v) if v else "-" for v in peaks)
         print(
-            f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {prefill:>26} | {what}"
+            f"{row['limit']:>8} | {fmt(h):>16} | {fmt(l_):>16} | {ratio:>5} | {prefill:>26} "
+            f"| {peak:>27} | {what}"
         )
 
 

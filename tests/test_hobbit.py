@@ -129,7 +129,12 @@ def test_hobbit_needs_a_low_shard(tmp_path, tokenizer_dir):
         hobbit_tools.load(tmp_path / "model", memory="40%", policy="hobbit")
 
 
-def test_trace_replays_what_the_run_did(model, tmp_path):
+@pytest.mark.parametrize(
+    "cache_policy", ["lru", "lfu", "hobbit", "lcu", "decay", "forecast", "layer-lfu", "layer-lru"]
+)
+def test_trace_replays_what_the_run_did(model, tmp_path, cache_policy):
+    """One policy code for replay and the runtime: the replayed hits, misses and bytes are
+    the run's, for every eviction policy."""
     trace = tmp_path / "t.jsonl"
     r = CliRunner().invoke(
         main,
@@ -144,6 +149,8 @@ def test_trace_replays_what_the_run_did(model, tmp_path):
             "40%",
             "--policy",
             "lru",
+            "--cache-policy",
+            cache_policy,
             "--trace",
             str(trace),
             "--json",
@@ -153,7 +160,7 @@ def test_trace_replays_what_the_run_did(model, tmp_path):
     run = json.loads(r.output.splitlines()[-1])["stats"]
     header, records = read_trace(trace)
     assert header["num_layers"] == 4 and len(records) == 4 * 12  # prefill + 11 decode steps
-    sim = replay(header, records, memory="40%", cache_policy="lru")
+    sim = replay(header, records, memory="40%", cache_policy=cache_policy)
     # the simulation makes the same decisions as the real cache
     assert (sim["hits"], sim["misses"], sim["bytes_read"]) == (
         run["hits"],
