@@ -188,6 +188,7 @@ def _profile(
 
     share, trace, cache, timing, val = FIT_SHARE, None, None, None, None
     chosen = None
+    lru_runs: dict[int, dict] = {}  # lru's decodes do not change between validations
     for attempt in range(FIT_ROUNDS if front else 1):
         point = None
         if front:
@@ -208,7 +209,7 @@ def _profile(
                 depth = 0
             chosen = dataclasses.replace(chosen, prefetch_depth=depth)
         say(f"4/5 validating on the held-out pieces, decoding ({attempt + 1}/{FIT_ROUNDS})")
-        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
+        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names, lru_runs)
         if rounds:
             rounds[-1]["worst_held_ratio"] = val["worst_ratio"]
         if point is None or val["worst_ratio"] <= 1 + ppl_budget * (1 - MARGIN):
@@ -224,7 +225,7 @@ def _profile(
         rule = None
         cache = fit_cache(*trace, budget, None, step=0.5 if quick else 0.25)
         chosen = _strategy(cache["best"], None, depth)
-        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names)
+        val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names, lru_runs)
     say("4/5 timing decode on ggml's kernels and on torch's")
     if ggml.build_hint():
         say(f"note: {ggml.build_hint()}")
@@ -378,21 +379,23 @@ def _backend(files, s: Strategy, budget: int, dtype, model, reserve: int = 0, **
 
 
 def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base: dict,
-              names: list[str]) -> dict:  # fmt: skip
+              names: list[str], lru_runs: dict) -> dict:  # fmt: skip
     """Every held-out piece decoded one token at a time under `chosen` at the budget (a
     fresh cache per piece, as a new `hobbit run`), its perplexity against the all-high
     one; and lru on each piece's first window, interleaved, for speed and bytes read (the
-    first windows of both: each from a cold cache, so alike)."""
+    first windows of both: each from a cold cache, so alike). lru's runs are kept in
+    `lru_runs` (by piece) for the next validation: they would come out the same."""
     lru = Strategy("lru")
     out, speed = {}, {"tuned_s": 0.0, "lru_s": 0.0, "tuned_bytes": 0, "lru_bytes": 0, "tokens": 0}
     for part in sorted(set(held.parts)):
         sel = held.select([i for i, p in enumerate(held.parts) if p == part])
         # alternate which goes first, so a neighbour's load falls on both alike
-        if part % 2:
-            first = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
+        if part % 2 and part not in lru_runs:
+            lru_runs[part] = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
         runs = _decode_windows(model, files, dtype, budget, chosen, sel)
-        if part % 2 == 0:
-            first = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
+        if part not in lru_runs:
+            lru_runs[part] = _decode_windows(model, files, dtype, budget, lru, sel.select([0]))
+        first = lru_runs[part]
         nll = sum(r["nll"] for r in runs["windows"])
         n = sum(r["tokens"] for r in runs["windows"])
         ppl = math.exp(nll / n)
