@@ -177,3 +177,31 @@ def test_build_hint_names_what_the_build_leaves_unused():
         assert ("llamafile" in hint) == (not have.get("llamafile"))
     if have.get("llamafile"):
         assert ggml.build_hint({"avx2"}) is None  # an AVX2 CPU has nothing more to gain
+
+
+def test_a_group_of_experts_in_one_call_equals_each_alone_bit_for_bit():
+    """A layer's experts for one token in one ggml graph (`Combiner.add_group`): the same
+    sums as one call per expert, across precisions and layouts (Q8_0, repacked Q4_K)."""
+    from hobbit_tools.runtime.experts import Combiner, groupable
+
+    d, f = 256, 512
+    experts, keep = [], []
+    for seed, qtype in enumerate(["Q4_K", "Q8_0", "Q4_K", "Q8_0", "Q4_K"]):
+        raws = [_raw(qtype, *s, 10 * seed + i) for i, s in enumerate([(f, d), (f, d), (d, f)])]
+        mats = tuple(
+            ggml.repack(ggml.Weight(r.ctypes.data, qtype, s))
+            for r, s in zip(raws, [(f, d), (f, d), (d, f)], strict=True)
+        )
+        keep.append(raws)
+        experts.append(GGUFExpert(mats, 0, np.zeros(8, np.uint8), {}))
+    assert groupable(experts) and not groupable(experts[:1])
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(9))
+    w = torch.rand(1, 6, generator=torch.Generator().manual_seed(10))
+    slots = [4, 0, 2, 5, 1]
+    one, grouped = Combiner(x, w), Combiner(x, w)
+    for e, k in zip(experts, slots, strict=True):
+        one.add(e, x, [0], [k])
+    grouped.add_group(experts, x, slots)
+    assert torch.equal(one.result(), grouped.result())
+    grouped.add_group(experts[2:], x, slots[2:])  # a smaller group: another graph, same sums
+    assert torch.equal(one.result(), grouped.result())

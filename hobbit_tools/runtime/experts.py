@@ -65,6 +65,28 @@ class GGUFExpert:
         return graph(x).to(x.dtype)
 
 
+_GROUPS: dict[tuple, ggml.ExpertGroup] = {}  # one graph per group layout (model thread only)
+
+
+def groupable(experts) -> bool:
+    """Whether these experts can run as one ggml call: two or more, all on GGUF bytes, of
+    one shape."""
+    if len(experts) < 2 or not all(type(e) is GGUFExpert for e in experts):
+        return False
+    return len({e.mats[0][2] for e in experts}) == 1
+
+
+def run_group(experts: list[GGUFExpert], x: torch.Tensor) -> torch.Tensor:
+    """One token x [1, D] through several GGUF experts in one ggml call -> [n, D] float32,
+    each row exactly what that expert alone gives."""
+    mats = [e.mats for e in experts]
+    key = ggml.ExpertGroup.key(mats)
+    graph = _GROUPS.get(key)
+    if graph is None:
+        graph = _GROUPS[key] = ggml.ExpertGroup(mats)
+    return torch.from_numpy(graph(mats, x).copy())
+
+
 class ExpertBackend(Protocol):
     def forward(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -120,15 +142,30 @@ class Combiner:
             rows, slots = torch.tensor(rows), torch.tensor(slots)
         self.parts[rows, slots] = expert(x[rows]) * self.w[rows, slots, None]
 
+    def add_group(self, experts: list, x: torch.Tensor, slots: list[int]) -> None:
+        """One token (decode): experts [n] on x [1, D] in one ggml call (`run_group`); slots:
+        the top-k slot each serves. The same sums as `add` for each, bit for bit."""
+        # by layout, so that a layer's mix of precisions reuses few graphs
+        order = sorted(range(len(experts)), key=lambda i: ggml.ExpertGroup.key([experts[i].mats]))
+        y = run_group([experts[i] for i in order], x).to(self.parts.dtype)
+        for row, i in enumerate(order):
+            k = slots[i]
+            self.parts[0, k] = y[row] * self.w[0, k]
+
     def result(self) -> torch.Tensor:
         return self.parts.sum(dim=1)
 
 
 def combine(x, ids, weights, expert: Callable[[int], Expert]) -> torch.Tensor:
-    """Compute each selected expert on its tokens and sum the weighted outputs."""
+    """Compute each selected expert on its tokens and sum the weighted outputs (one token's
+    experts in one ggml call where they allow it)."""
     c = Combiner(x, weights)
-    for e, rows, slots in group_rows(ids.tolist()):
-        c.add(expert(e), x, rows, slots)
+    groups = [(expert(e), rows, slots) for e, rows, slots in group_rows(ids.tolist())]
+    if x.shape[0] == 1 and groupable([g[0] for g in groups]):
+        c.add_group([g[0] for g in groups], x, [g[2][0] for g in groups])
+        return c.result()
+    for e, rows, slots in groups:
+        c.add(e, x, rows, slots)
     return c.result()
 
 

@@ -531,10 +531,11 @@ class _OneToken:
     tensors all point at memory we own (`bufs`): a run is one copy in, one ggml call and
     one copy out. Subclasses build the graph in `_build` from `self.leaf` and `self.out`."""
 
-    def __init__(self, bufs: dict[str, np.ndarray], n_tensors: int):
+    def __init__(self, bufs: dict[str, np.ndarray], n_tensors: int, nodes: int = 16):
         lb = self.lb = lib()
         self.bufs = bufs
-        size = lb.tensor_overhead() * n_tensors + lb.graph_overhead(16, False) + 256
+        self.nodes = nodes
+        size = lb.tensor_overhead() * n_tensors + lb.graph_overhead(nodes, False) + 256
         self._meta = np.empty(size, np.uint8)
         self.ctx = lb.init(_InitParams(size, self._meta.ctypes.data, True))
         self._plan_threads = 0
@@ -547,7 +548,7 @@ class _OneToken:
 
     def finish(self, y: _T) -> None:
         _set_data(y, self.bufs["y"].ctypes.data)
-        self.graph = self.lb.new_graph(self.ctx, 16, False)
+        self.graph = self.lb.new_graph(self.ctx, self.nodes, False)
         self.lb.expand(self.graph, y)
 
     def _plan(self) -> _CPlan:
@@ -604,6 +605,57 @@ class ExpertFFN(_OneToken):
         for addr, p in zip(self._w_addr, self.ptrs, strict=True):
             C.c_void_p.from_address(addr).value = p
         return self.run(x)
+
+
+class ExpertGroup(_OneToken):
+    """n experts' one-token graphs as one graph and one ggml call (a MoE layer's selected
+    experts: top-8 is 8 calls and their hand-offs otherwise). The input is shared, each
+    expert's output is a row of `y` [n, D]; the weights are re-pointed per call (`bind`).
+    Built per (shape, the n weights' types and layouts), so experts of different
+    precisions group too."""
+
+    def __init__(self, experts: list[tuple[Weight, Weight, Weight]]):
+        n = len(experts)
+        f, d = Weight(*experts[0][0]).shape
+        bufs = {"x": np.zeros(d, np.float32), "y": np.zeros((n, d), np.float32)}
+        bufs["work"] = np.zeros(0, np.uint8)
+        super().__init__(bufs, 8 * n + 2, nodes=8 * n)
+        lb = self.lb
+        x = self.leaf("F32", d, 1, bufs["x"])
+        self._mid = np.zeros((n, 3, f), np.float32)  # per expert: gate, up, their product
+        self.w, outs = [], []
+        for i, mats in enumerate(experts):
+            ws = [_weight_leaf(lb, self.ctx, Weight(*m)) for m in mats]
+            hg, hu = lb.mul_mat(self.ctx, ws[0], x), lb.mul_mat(self.ctx, ws[1], x)
+            _set_data(hg, self._mid[i, 0].ctypes.data)
+            _set_data(hu, self._mid[i, 1].ctypes.data)
+            h = lb.swiglu(self.ctx, hg, hu)
+            _set_data(h, self._mid[i, 2].ctypes.data)
+            y = lb.mul_mat(self.ctx, ws[2], h)
+            _set_data(y, bufs["y"][i].ctypes.data)
+            self.w += ws
+            outs.append(y)
+        self.graph = lb.new_graph(self.ctx, self.nodes, False)
+        for y in outs:
+            lb.expand(self.graph, y)
+        self._w_addr = [C.addressof(t.contents) + _DATA for t in self.w]
+
+    @staticmethod
+    def key(experts) -> tuple:
+        """What a graph is built for: the weights' types, shapes and layouts, in order."""
+        return tuple(
+            (w.qtype, w.shape, w.traits) for mats in experts for w in map(Weight._make, mats)
+        )
+
+    def __call__(self, experts, x: torch.Tensor) -> np.ndarray:
+        """x [1, D] -> y [n, D] float32 (a view of this graph's buffer: copy to keep)."""
+        for addr, w in zip(self._w_addr, (w for mats in experts for w in mats), strict=True):
+            C.c_void_p.from_address(addr).value = w[0]
+        self.bufs["x"][:] = x.reshape(-1).float().numpy()
+        status = self.lb.compute(self.graph, C.byref(self._plan()))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return self.bufs["y"]
 
 
 class Linear(_OneToken):

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import HobbitError
 from .cache import Entry, ExpertCache
-from .experts import Combiner, group_rows
+from .experts import Combiner, group_rows, groupable
 from .io import DEMAND, PREFETCH, IOPool
 from .policies import Policy
 from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from, skip_weights
@@ -128,8 +128,7 @@ class OffloadedExperts:
             self._start(missing, waiting, layer)
             if T == 1 and self.o.prefetch_depth and self.router is not None:
                 self._prefetch(layer, x)
-            for entry, rows, slots in ready:
-                self._compute(out, x, entry, rows, slots)
+            self._compute_ready(out, x, ready)
             while waiting or missing:
                 if not waiting:
                     raise HobbitError("the expert cache has no free slot; raise the memory budget")
@@ -217,6 +216,18 @@ class OffloadedExperts:
 
     def _count_load(self, precision: str) -> None:
         self.c.loads[precision] += 1
+
+    def _compute_ready(self, out: Combiner, x, ready: list) -> None:
+        """The cached experts: for one token in one ggml call where they allow it."""
+        if x.shape[0] == 1 and groupable([entry.expert for entry, _, _ in ready]):
+            t0 = time.perf_counter()
+            out.add_group([e.expert for e, _, _ in ready], x, [s[0] for _, _, s in ready])
+            self.c.compute_s += time.perf_counter() - t0
+            for entry, _, _ in ready:
+                self.cache.unpin(entry)
+            return
+        for entry, rows, slots in ready:
+            self._compute(out, x, entry, rows, slots)
 
     def _compute(self, out: Combiner, x, entry: Entry, rows, slots) -> None:
         t0 = time.perf_counter()
