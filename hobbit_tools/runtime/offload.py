@@ -135,10 +135,10 @@ class OffloadedExperts:
                 t0 = time.perf_counter()
                 done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
                 self.c.io_wait_s += time.perf_counter() - t0
-                for fut in done:
-                    entry, rows, slots = waiting.pop(fut)
+                arrived = [waiting.pop(fut) for fut in done]
+                for entry, _, _ in arrived:
                     self.cache.finish(entry)
-                    self._compute(out, x, entry, rows, slots)
+                self._compute_ready(out, x, arrived)
                 self._start(missing, waiting, layer)
         except BaseException:
             self.cache.abort()
@@ -218,7 +218,8 @@ class OffloadedExperts:
         self.c.loads[precision] += 1
 
     def _compute_ready(self, out: Combiner, x, ready: list) -> None:
-        """The cached experts: for one token in one ggml call where they allow it."""
+        """Experts in memory (cached, or arrived together): for one token in one ggml call
+        where they allow it."""
         if x.shape[0] == 1 and groupable([entry.expert for entry, _, _ in ready]):
             t0 = time.perf_counter()
             out.add_group([e.expert for e, _, _ in ready], x, [s[0] for _, _, s in ready])
