@@ -210,8 +210,8 @@ def test_a_fit_the_held_out_pieces_reject_is_redone_with_less_allowance(
     real = prof._validate
     calls = []
 
-    def failing(model, files, dtype, budget, chosen, held, base, names):
-        out = real(model, files, dtype, budget, chosen, held, base, names)
+    def failing(model, files, dtype, budget, chosen, *rest):
+        out = real(model, files, dtype, budget, chosen, *rest)
         calls.append(chosen.dynamic_precision)
         if chosen.dynamic_precision:
             out["worst_ratio"] = 1.5  # past 1 + 0.2 * (1 - margin)
