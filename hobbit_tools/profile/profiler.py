@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .. import validate
-from ..errors import HobbitError
+from ..errors import BudgetBelowMinimum, HobbitError
 from ..runtime import ggml
 from ..runtime.budget import RUNTIME_FLOOR, available_memory, parse_memory, trim
 from ..runtime.generate import peak_rss_bytes
@@ -375,7 +375,14 @@ def _backend(files, s: Strategy, budget: int, dtype, model, reserve: int = 0, **
     what the process may still use now where that is less: the profile holds calibration
     state a run would not, and a cache past a memory limit is killed, not slowed."""
     now = available_memory().bytes - RUNTIME_FLOOR - reserve
-    return build_backend(files, s, "high", min(budget, max(now, 0)), dtype, model, **kw)
+    try:
+        return build_backend(files, s, "high", min(budget, max(now, 0)), dtype, model, **kw)
+    except BudgetBelowMinimum as e:
+        # what is free now falls just short of one layer's experts: the floor is a margin,
+        # and the working minimum may take up to half of it
+        if e.minimum <= min(budget, now + RUNTIME_FLOOR // 2):
+            return build_backend(files, s, "high", e.minimum, dtype, model, **kw)
+        raise
 
 
 def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base: dict,

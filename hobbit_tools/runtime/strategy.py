@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import validate
-from ..errors import HobbitError
+from ..errors import BudgetBelowMinimum, HobbitError
 from .budget import Available, DefaultBudget, default_budget, parse_memory
 from .loader import ModelFiles, context_length, dense_bytes, kv_bytes, load_resident_experts
 from .offload import OffloadedExperts, OffloadOptions, RouterView
@@ -113,9 +113,10 @@ def build_backend(
     if any(budgets[p] < need[p] for p in budgets):
         store.close()
         minimum = sum(need.values()) if s.dynamic_precision else need[precision]
-        raise HobbitError(
+        raise BudgetBelowMinimum(
             f"a memory budget of {budget:,} bytes is below this model's working minimum, "
-            f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes"
+            f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes",
+            minimum,
         )
     low_over_high = (
         (store.p["low"].load_bytes / store.p["high"].load_bytes) if "low" in store.p else 1.0
