@@ -96,8 +96,9 @@ def test_run_offloads_under_a_memory_limit(limited, big_model, tmp_path):
 
 @pytest.mark.xfail(
     reason="under 350 MiB the profile's own state (torch, the layer-by-layer pass, the "
-    "allocator) leaves only a few MiB of headroom: it passed on the Xeon here (2 of 2 runs, "
-    "stop 21) and failed in the stop-20 CI run, whose machine and log are not known",
+    "allocator) leaves a few MiB: a clean clone's run stopped when a decode's cache came out "
+    "36 KB below the working minimum (fixed in stop 21: the minimum may take half the floor's "
+    "margin); non-strict until it has held in CI",
     strict=False,
 )
 def test_profile_and_tuned_run_offload_under_a_memory_limit(limited, big_model, tmp_path):
