@@ -360,3 +360,34 @@ def test_kernels_are_chosen_by_timed_decode(profiled, tmp_path, monkeypatch, win
     types = hobbit_tools.runtime.loader.ModelFiles(d / "model").manifest["types"]
     chosen = {k for n, k in rt.info["kernels"].items() if types[n] in kernels}
     assert chosen == {winner}
+
+
+def test_a_decode_just_short_of_the_working_minimum_takes_it_from_the_floor(profiled, monkeypatch):
+    """Inside a tight limit a profile's decode sizes its cache to what is free now; where
+    that falls a few KB short of one layer's experts (a clean clone's memory-limit test
+    stopped 36 KB short) it takes the minimum out of the floor's margin, up to half of it,
+    and stops with the error only past that."""
+    from hobbit_tools.errors import BudgetBelowMinimum
+    from hobbit_tools.profile import profiler as prof
+    from hobbit_tools.runtime.budget import RUNTIME_FLOOR, Available
+    from hobbit_tools.runtime.loader import ModelFiles, build_model, compute_dtype
+    from hobbit_tools.runtime.strategy import Strategy, build_backend
+
+    d, _ = profiled
+    files = ModelFiles(d / "model")
+    dtype = compute_dtype(files, None)
+    model = build_model(files, None, dtype, 16)
+    with pytest.raises(BudgetBelowMinimum) as e:
+        build_backend(files, Strategy("lru"), "high", 1 << 16, dtype, model)
+    minimum = e.value.minimum
+
+    def free(nbytes):
+        monkeypatch.setattr(prof, "available_memory", lambda: Available(nbytes, "test"))
+
+    free(RUNTIME_FLOOR + minimum - 36_000)
+    backend = prof._backend(files, Strategy("lru"), 10 * minimum, dtype, model)
+    assert backend.cache.nbytes == minimum
+    backend.close()
+    free(RUNTIME_FLOOR // 2 + minimum - 4096)
+    with pytest.raises(BudgetBelowMinimum):
+        prof._backend(files, Strategy("lru"), 10 * minimum, dtype, model)

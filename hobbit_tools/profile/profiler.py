@@ -376,13 +376,19 @@ def _backend(files, s: Strategy, budget: int, dtype, model, reserve: int = 0, **
     state a run would not, and a cache past a memory limit is killed, not slowed."""
     now = available_memory().bytes - RUNTIME_FLOOR - reserve
     try:
-        return build_backend(files, s, "high", min(budget, max(now, 0)), dtype, model, **kw)
+        return build_backend(files, s, "high", min(budget, max(now, 1)), dtype, model, **kw)
     except BudgetBelowMinimum as e:
         # what is free now falls just short of one layer's experts: the floor is a margin,
         # and the working minimum may take up to half of it
         if e.minimum <= min(budget, now + RUNTIME_FLOOR // 2):
             return build_backend(files, s, "high", e.minimum, dtype, model, **kw)
-        raise
+        raise BudgetBelowMinimum(
+            f"the profile's decode runs have {max(now, 0):,} bytes left for an expert cache "
+            f"(what this process may still use, less the runtime's floor), below this model's "
+            f"working minimum of {e.minimum:,} (one layer's experts): give the profile more "
+            "memory, or profile where the experts' cache fits and copy the config",
+            e.minimum,
+        ) from None
 
 
 def _validate(model, files, dtype, budget, chosen: Strategy, held: Windows, base: dict,
