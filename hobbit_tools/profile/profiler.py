@@ -227,8 +227,8 @@ def _profile(
         chosen = _strategy(cache["best"], None, depth)
         val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names, lru_runs)
     say("4/5 timing decode on ggml's kernels and on torch's")
-    if ggml.build_hint():
-        say(f"note: {ggml.build_hint()}")
+    if hint := ggml.build_hint():
+        say(f"note: {hint}")
     kernels, kernel_timing = _kernel_choice(
         model, files, dtype, budget, chosen, store, _trace_ids(fit_w, 32 if quick else 64)
     )

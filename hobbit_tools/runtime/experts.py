@@ -76,11 +76,12 @@ def groupable(experts) -> bool:
     return len({e.mats[0][2] for e in experts}) == 1
 
 
-def run_group(experts: list[GGUFExpert], x: torch.Tensor) -> torch.Tensor:
+def run_group(experts: list[GGUFExpert], x: torch.Tensor, key: tuple | None = None):
     """One token x [1, D] through several GGUF experts in one ggml call -> [n, D] float32,
-    each row exactly what that expert alone gives."""
+    each row exactly what that expert alone gives. key: `ExpertGroup.key` of their mats,
+    where the caller has it."""
     mats = [e.mats for e in experts]
-    key = ggml.ExpertGroup.key(mats)
+    key = ggml.ExpertGroup.key(mats) if key is None else key
     graph = _GROUPS.get(key)
     if graph is None:
         graph = _GROUPS[key] = ggml.ExpertGroup(mats)
@@ -146,8 +147,10 @@ class Combiner:
         """One token (decode): experts [n] on x [1, D] in one ggml call (`run_group`); slots:
         the top-k slot each serves. The same sums as `add` for each, bit for bit."""
         # by layout, so that a layer's mix of precisions reuses few graphs
-        order = sorted(range(len(experts)), key=lambda i: ggml.ExpertGroup.key([experts[i].mats]))
-        y = run_group([experts[i] for i in order], x).to(self.parts.dtype)
+        keys = [ggml.ExpertGroup.key([e.mats]) for e in experts]
+        order = sorted(range(len(experts)), key=keys.__getitem__)
+        key = sum((keys[i] for i in order), ())
+        y = run_group([experts[i] for i in order], x, key).to(self.parts.dtype)
         for row, i in enumerate(order):
             k = slots[i]
             self.parts[0, k] = y[row] * self.w[0, k]

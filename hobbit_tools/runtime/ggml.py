@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes as C
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -271,16 +273,26 @@ def repack_traits(qtype: str, shape: tuple[int, int]) -> int:
     key = (qtype, int(shape[0]), int(shape[1]))
     with _traits_lock:
         if key not in _traits:
-            meta = np.empty(lb.tensor_overhead() + 256, np.uint8)
-            ctx = lb.init(_InitParams(meta.size, meta.ctypes.data, True))
-            try:
-                t = lb.new_2d(ctx, type_id(qtype), key[2], key[1])
+            with _header(lb, Weight(0, qtype, key[1:])) as t:
                 t.contents.buffer = lb.repack_buffer
                 lb.init_tensor(lb.repack_buffer, t)
                 _traits[key] = t.contents.extra or 0
-            finally:
-                lb.free(ctx)
         return _traits[key]
+
+
+@contextmanager
+def _header(lb: _Lib, w: Weight) -> Iterator[_T]:
+    """A throwaway tensor header for `w` (`_weight_leaf`) in a context of its own."""
+    meta = np.empty(lb.tensor_overhead() + 256, np.uint8)
+    ctx = lb.init(_InitParams(meta.size, meta.ctypes.data, True))
+    try:
+        yield _weight_leaf(lb, ctx, w)
+    finally:
+        lb.free(ctx)
+
+
+def _nbytes(lb: _Lib, w: Weight) -> int:
+    return lb.row_size(type_id(w.qtype), w.shape[1]) * w.shape[0]
 
 
 class _RepackScratch(threading.local):
@@ -300,30 +312,21 @@ def repack(w: Weight) -> Weight:
     if not traits or w.traits:
         return w
     lb = lib()
-    nbytes = lb.row_size(type_id(w.qtype), w.shape[1]) * w.shape[0]
+    nbytes = _nbytes(lb, w)
     if _repack_scratch.buf.size < nbytes:
         _repack_scratch.buf = np.empty(nbytes, np.uint8)
     src = _repack_scratch.buf
     C.memmove(src.ctypes.data, w.ptr, nbytes)
-    meta = np.empty(lb.tensor_overhead() + 256, np.uint8)
-    ctx = lb.init(_InitParams(meta.size, meta.ctypes.data, True))
-    try:
-        t = _weight_leaf(lb, ctx, w._replace(traits=traits))
+    w = w._replace(traits=traits)
+    with _header(lb, w) as t:
         lb.tensor_set(t, src.ctypes.data, 0, nbytes)
-    finally:
-        lb.free(ctx)
-    return w._replace(traits=traits)
+    return w
 
 
 def repack_scratch_bytes(weights) -> int:
     """What `repack` holds per thread for these weights (its scratch: the largest one)."""
     lb = lib()
-    sizes = [
-        lb.row_size(type_id(w.qtype), w.shape[1]) * w.shape[0]
-        for w in weights
-        if repack_traits(w.qtype, w.shape)
-    ]
-    return max(sizes, default=0)
+    return max((_nbytes(lb, w) for w in weights if repack_traits(w.qtype, w.shape)), default=0)
 
 
 def _weight_leaf(lb: _Lib, ctx, w: Weight) -> _T:
@@ -561,12 +564,16 @@ class _OneToken:
         self.plan.work_data = b["work"].ctypes.data  # shared buffers may have grown
         return self.plan
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, in] (any float dtype) -> [1, out] float32."""
+    def _compute(self, x: torch.Tensor) -> None:
+        """x [1, in] (any float dtype) into the graph; its outputs land in bufs["y"]."""
         self.bufs["x"][:] = x.reshape(-1).float().numpy()
         status = self.lb.compute(self.graph, C.byref(self._plan()))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, in] (any float dtype) -> [1, out] float32."""
+        self._compute(x)
         return torch.from_numpy(self.bufs["y"].copy()).view(1, -1)
 
     def __del__(self):
@@ -610,7 +617,7 @@ class ExpertFFN(_OneToken):
 class ExpertGroup(_OneToken):
     """n experts' one-token graphs as one graph and one ggml call (a MoE layer's selected
     experts: top-8 is 8 calls and their hand-offs otherwise). The input is shared, each
-    expert's output is a row of `y` [n, D]; the weights are re-pointed per call (`bind`).
+    expert's output is a row of `y` [n, D]; the weights are re-pointed at each call.
     Built per (shape, the n weights' types and layouts), so experts of different
     precisions group too."""
 
@@ -651,10 +658,7 @@ class ExpertGroup(_OneToken):
         """x [1, D] -> y [n, D] float32 (a view of this graph's buffer: copy to keep)."""
         for addr, w in zip(self._w_addr, (w for mats in experts for w in mats), strict=True):
             C.c_void_p.from_address(addr).value = w[0]
-        self.bufs["x"][:] = x.reshape(-1).float().numpy()
-        status = self.lb.compute(self.graph, C.byref(self._plan()))
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        self._compute(x)
         return self.bufs["y"]
 
 
