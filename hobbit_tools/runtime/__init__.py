@@ -198,6 +198,8 @@ def load(
         "packed": _packed(backend),
         # per expert precision: which kernels compute it ("ggml" on the GGUF bytes, "torch")
         "kernels": _kernels(backend),
+        # how offloaded loads reach the disk (batched direct reads, or reader threads)
+        "io": getattr(backend, "io", None),
     }
     return Runtime(model, tokenizer(files), info)
 

@@ -9,7 +9,9 @@ is in exactly one state, changed only by the thread that runs the model:
     PINNED    READY and in use by a kernel
     STOPPING  the entry was given up while its read runs; the slot frees once the read ends
 
-An I/O job writes only the slot it was given (and a staging buffer leased for it alone). A
+A load is a batched direct read reaped by the model's thread (`aio.py`: the GGUF bytes
+read into the slot) or a job on the reader threads (loads converted after the read, files
+without O_DIRECT). An I/O job writes only the slot it was given (and a staging buffer leased for it alone). A
 PINNED or protected entry is never evicted; which READY entry to evict is the policy's call.
 Nothing frees a LOADING slot: `settle` stops every read and waits for it first (errors,
 close). No decisions about what to load live here: see `offload.py`.
@@ -22,12 +24,13 @@ vectorised ranking over the slots, and prefetches awaiting a layer are indexed b
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
+from .aio import AsyncReads
 from .experts import Expert
 from .io import DEMAND, IOPool
 from .policies import Key, Policy
@@ -89,10 +92,18 @@ class Board:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, budgets: dict[str, int], policy: Policy, pool: IOPool):
+    def __init__(
+        self,
+        store: ExpertStore,
+        budgets: dict[str, int],
+        policy: Policy,
+        pool: IOPool,
+        reads: AsyncReads | None = None,
+    ):
         self.store = store
         self.policy = policy
-        self.pool = pool
+        self.pool = pool  # reader threads: loads that convert after the read, buffered files
+        self.reads = reads  # batched direct reads reaped by this thread: every other load
         self.arenas = {
             p: SlotArena(store.p[p].slot_bytes, budget // store.p[p].slot_bytes)
             for p, budget in budgets.items()
@@ -122,17 +133,48 @@ class ExpertCache:
         if slot is None:
             return None
         entry = Entry(key, slot, self.policy.t.id(key))
+        view = self.arenas[key[2]].view(slot)
+        if self.reads is not None and self.store.reads_async(key[2]):
+            pieces, complete = self.store.plan_read(*key, view, stop=lambda: entry.stop)
+            entry.future = self.reads.submit(pieces, complete, self.store.p[key[2]].file.name)
+        else:
 
-        def between_chunks() -> bool:  # on the I/O thread: True = give up the read
-            if priority != DEMAND and not entry.urgent:
-                self.pool.yield_to_demand()
-            return entry.stop
+            def between_chunks() -> bool:  # on the I/O thread: True = give up the read
+                if priority != DEMAND and not entry.urgent:
+                    self.pool.yield_to_demand()
+                return entry.stop
 
-        read = partial(self.store.read, *key, self.arenas[key[2]].view(slot), stop=between_chunks)
-        entry.future = self.pool.submit(read, priority)
+            read = partial(self.store.read, *key, view, stop=between_chunks)
+            entry.future = self.pool.submit(read, priority)
         self.entries[key] = entry
         self.boards[key[2]].hold(entry)
         return entry
+
+    def flush(self) -> None:
+        """Send the batched reads queued so far to the device (one system call)."""
+        if self.reads is not None:
+            self.reads.flush()
+
+    def poll(self) -> None:
+        """Take in the batched reads that have completed (their Futures become done)."""
+        if self.reads is not None:
+            self.reads.poll()
+
+    def wait(self, futures: list[Future]) -> list[Future]:
+        """Block until at least one of these loads' Futures is done; returns the done ones."""
+        while True:
+            self.poll()
+            done = [f for f in futures if f.done()]
+            if done:
+                return done
+            threaded = [f for f in futures if not getattr(f, "batched", False)]
+            if not threaded:
+                self.reads.wait(futures)
+            elif self.reads is None or not self.reads.in_flight:
+                wait(threaded, return_when=FIRST_COMPLETED)
+            else:  # both kinds pending (a mixed-kernel model): take turns
+                wait(threaded, timeout=0.0005, return_when=FIRST_COMPLETED)
+                self.reads.poll()
 
     def finish(self, entry: Entry) -> None:
         """The load completed (LOADING -> READY): take the expert (raises the read's error)."""
@@ -249,6 +291,8 @@ class ExpertCache:
     def settle(self) -> None:
         """Stop every read in flight (queued ones cancelled, running ones told to stop) and
         wait for each to end: afterwards no I/O thread writes into any slot."""
+        if self.reads is not None:
+            self.reads.drain()
         for entry in list(self.entries.values()) + self.stopping:
             if entry.ready or entry.future is None:
                 continue

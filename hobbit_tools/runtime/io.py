@@ -1,5 +1,7 @@
 """Reading expert bytes from the shards: O_DIRECT preads into page-aligned memory, served by a
-small thread pool with a priority queue. Pure mechanism: knows nothing of experts or policy.
+small thread pool with a priority queue (the loads that convert after the read; plain
+direct reads go to the kernel in batches instead, `aio.py`). Pure mechanism: knows nothing
+of experts or policy.
 
 O_DIRECT bypasses the page cache, so a read costs what the disk costs (otherwise a second
 run would be served from RAM and every number would lie). It needs the file offset, length
@@ -130,20 +132,27 @@ class ShardFile:
         self.fd, self.direct = fd, True
         return ""
 
+    def span(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """What a read of [offset, offset+nbytes) really reads: (start, length), widened to
+        block boundaries for O_DIRECT. Refuses a range past the end of the file."""
+        if offset + nbytes > self.size:
+            raise HobbitError(
+                f"{self.name} is truncated: needs byte {offset + nbytes}, "
+                f"has {self.size}; re-run `hobbit prepare`"
+            )
+        if not self.direct:
+            return offset, nbytes
+        start = align_down(offset)
+        return start, align_up(offset + nbytes) - start
+
     def read_into(
         self, buf: np.ndarray, offset: int, nbytes: int, stop: Callable[[], bool] | None = None
     ) -> np.ndarray:
         """Reads [offset, offset+nbytes) into buf (aligned, at least the widened size);
         returns the exact bytes as a view of buf. With `stop`, reads in CHUNK pieces and
         raises ReadStopped as soon as stop() is true between two of them."""
-        start = align_down(offset) if self.direct else offset
-        end = align_up(offset + nbytes) if self.direct else offset + nbytes
-        if offset + nbytes > self.size:
-            raise HobbitError(
-                f"{self.name} is truncated: needs byte {offset + nbytes}, "
-                f"has {self.size}; re-run `hobbit prepare`"
-            )
-        view = memoryview(buf)[: end - start]
+        start, length = self.span(offset, nbytes)
+        view = memoryview(buf)[:length]
         got = 0
         while got < len(view):
             if stop is not None and stop():

@@ -16,12 +16,13 @@ Counters, recall per prefetch depth and an optional routing trace are kept as it
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import HobbitError
+from . import aio
+from .aio import AsyncReads
 from .cache import Entry, ExpertCache
 from .experts import Combiner, group_rows, groupable
 from .io import DEMAND, PREFETCH, IOPool
@@ -39,6 +40,7 @@ class OffloadOptions:
     prefetch_depth: int = 0  # layers looked ahead (0: no prefetch)
     adaptive_depth: bool = True  # look at l+2 only when l+1's predictions are all cached
     io_threads: int = 2
+    io: str = "auto"  # "auto": batched direct reads (kernel AIO) where possible; "threads"
 
 
 @dataclass
@@ -71,7 +73,8 @@ class OffloadedExperts:
         self.policy = policy
         self.o = options
         self.pool = IOPool(options.io_threads)
-        self.cache = ExpertCache(store, budgets, policy, self.pool)
+        self.reads, self.io = _batched_reads(store, options)
+        self.cache = ExpertCache(store, budgets, policy, self.pool, self.reads)
         self.router = router
         self.top_k = store.files.config.top_k
         self.c = Counters()
@@ -97,6 +100,7 @@ class OffloadedExperts:
         level, top1 = self._decide(layer, ids_l, w_l)
         weights = self._skip_weights(weights, level)
         out = Combiner(x, weights)
+        self.cache.poll()  # prefetches that have arrived meanwhile
         if T == 1:
             self._settle_prefetches(layer, set(ids_l[0]))
         ready, waiting, missing, record = [], {}, [], []
@@ -128,12 +132,13 @@ class OffloadedExperts:
             self._start(missing, waiting, layer)
             if T == 1 and self.o.prefetch_depth and self.router is not None:
                 self._prefetch(layer, x)
+            self.cache.flush()  # the layer's misses and prefetches: one doorbell
             self._compute_ready(out, x, ready)
             while waiting or missing:
                 if not waiting:
                     raise HobbitError("the expert cache has no free slot; raise the memory budget")
                 t0 = time.perf_counter()
-                done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+                done = self.cache.wait(list(waiting))
                 self.c.io_wait_s += time.perf_counter() - t0
                 arrived = [waiting.pop(fut) for fut in done]
                 for entry, _, _ in arrived:
@@ -181,6 +186,8 @@ class OffloadedExperts:
     def close(self) -> None:
         self.cache.settle()  # no read may outlive the files it reads
         self.pool.close()
+        if self.reads is not None:
+            self.reads.close()
         self.store.close()
 
     # -- decisions -----------------------------------------------------------------------------
@@ -313,6 +320,22 @@ class OffloadedExperts:
             }
         )
         self._last_predictions = {}
+
+
+def _batched_reads(store: ExpertStore, options: OffloadOptions) -> tuple[AsyncReads | None, str]:
+    """Kernel AIO for the loads that are plain direct reads (`store.reads_async`), where this
+    system has it and `options.io` allows; with what serves the loads, in words."""
+    batched = [p for p in store.p if store.reads_async(p)]
+    if options.io == "threads" or not batched:
+        return None, f"{options.io_threads} reader threads"
+    why = aio.available()
+    if not why:
+        try:
+            # a layer's misses and the prefetches ahead of it, three pieces each
+            return aio.AsyncReads(depth=1024), "batched direct reads (kernel AIO)"
+        except OSError as e:
+            why = str(e)
+    return None, f"{options.io_threads} reader threads (no kernel AIO: {why})"
 
 
 class RouterView:

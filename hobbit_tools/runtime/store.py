@@ -6,7 +6,8 @@ a cached expert lives entirely in it, so the cache's bytes are exactly its slots
 a load allocates nothing that outlives it), by the precision's kernel:
 
 * ``ggml`` (quantized types, where ggml loads): the slot holds the expert's GGUF bytes. A
-  load is three direct reads straight into the slot and a crc32 check of the bytes read;
+  load is three direct reads straight into the slot (`plan_read` hands them to the batched
+  reads of `aio.py`; `read` does them in place) and a crc32 check of the bytes read;
   ggml's kernels (`ggml.py`, the ones llama.cpp runs) compute on them in place. Where ggml
   has an interleaved layout for the type on this CPU (Q4_K, Q4_0, MXFP4, ...), the checked
   bytes are repacked in place, same size, as llama.cpp does when it loads. No staging
@@ -16,6 +17,8 @@ a load allocates nothing that outlives it), by the precision's kernel:
   torch's kernels (`QLinear.from_raw`) and moved into the slot; where the precision has a
   current slot pack (`pack.py`), a load is one direct read of the ready-made image instead.
   Float shards (F32/F16/BF16) always take this path (their slot image is their bytes).
+
+Each expert copy's crc32 is checked the first time this process reads it.
 
 Which kernel serves a type is measured (`hobbit profile`), not assumed: `kernels` maps a
 GGUF type to its path. Mechanism only: no policy here.
@@ -36,7 +39,7 @@ from ..errors import HobbitError
 from ..quantize.layout import ROLES, expert_tensor_name
 from . import ggml, gptoss
 from .experts import Expert, GGUFExpert
-from .io import BLOCK, Buffers, ShardFile, align_up, aligned_buffer
+from .io import BLOCK, Buffers, ReadStopped, ShardFile, align_up, aligned_buffer
 from .kernels import QLinear
 from .loader import ModelFiles
 from .pack import UNPACKED_TYPES, Pack, open_pack, pack_key
@@ -93,6 +96,7 @@ class ExpertStore:
         self.files = files
         self.dtype = dtype  # the model's compute dtype; see kernel_dtype
         self.verify = True
+        self._checked: set[tuple[str, int, int]] = set()  # expert copies read and verified
         self._graphs: dict[int, ggml.ExpertFFN] = {}  # slot address -> its one-token graph
         self._wrap = gptoss.expert_wrapper(files)  # gpt-oss: biases, clamped SwiGLU
         self.p: dict[str, Precision] = {name: self._open(name, direct) for name in precisions}
@@ -204,12 +208,43 @@ class ExpertStore:
     def _read_gguf(self, p: Precision, layer: int, expert: int, slot: np.ndarray, stop):
         """The expert's GGUF bytes read straight into `slot`, checked, then (where ggml has
         an interleaved layout for the type here) repacked in place; computed there."""
-        views = self._read_parts(p, layer, expert, slot, stop)
+        return self._gguf_expert(
+            p, layer, expert, slot, self._read_parts(p, layer, expert, slot, stop)
+        )
+
+    def _gguf_expert(self, p: Precision, layer: int, expert: int, slot: np.ndarray, views):
         mats = tuple(
             ggml.repack(ggml.Weight(v.ctypes.data, p.qtype, s.shape))
             for v, s in zip(views, p.slices[(layer, expert)], strict=True)
         )
         return GGUFExpert(mats, p.expert_bytes, slot, self._graphs)
+
+    def reads_async(self, precision: str) -> bool:
+        """Whether a load of this precision is plain direct reads into the slot, then work
+        on the bytes there: what `plan_read` hands to `aio.AsyncReads`."""
+        p = self.p[precision]
+        return p.kernel == "ggml" and p.file.direct
+
+    def plan_read(self, layer: int, expert: int, precision: str, slot: np.ndarray, stop=None):
+        """The reads of a load (`reads_async`) as (fd, offset, length, address) pieces, and
+        what to run once they have all arrived: check, repack, the expert (raises
+        io.ReadStopped when `stop()` says the load was given up meanwhile)."""
+        p = self.p[precision]
+        pieces, views = [], []
+        for pos, (start, length), s in self._layout(p, layer, expert):
+            pieces.append((p.file.fd, start, length, slot.ctypes.data + pos))
+            views.append(slot[pos + s.offset - start : pos + s.offset - start + s.nbytes])
+        with p.file._count:
+            p.file.bytes_read += sum(piece[2] for piece in pieces)
+
+        def complete():
+            if stop is not None and stop():
+                raise ReadStopped(p.file.name)
+            self._check(p, layer, expert, views)
+            e = self._gguf_expert(p, layer, expert, slot, views)
+            return e if self._wrap is None else self._wrap(layer, expert, e)
+
+        return pieces, complete
 
     def repack_scratch_bytes(self) -> int:
         """What repacking after a read holds per reading thread (ggml.repack's scratch)."""
@@ -242,25 +277,42 @@ class ExpertStore:
         views = self._read_parts(p, layer, expert, buf, stop)
         return [(v, s.shape) for v, s in zip(views, p.slices[(layer, expert)], strict=True)]
 
+    def _layout(self, p: Precision, layer: int, expert: int):
+        """Where gate, up and down go in a slot or staging buffer: per slice (position, the
+        file span read there, the slice), each at a block boundary of its own."""
+        pos = 0
+        for s in p.slices[(layer, expert)]:
+            yield pos, p.file.span(s.offset, s.nbytes), s
+            pos += align_up(s.nbytes) + BLOCK
+
     def _read_parts(self, p: Precision, layer: int, expert: int, buf: np.ndarray, stop):
         """gate, up, down read into `buf` (block-aligned, at least p.staging_bytes), each at
         a block boundary of its own; checked against the manifest's crc32. Returns the three
         exact byte views."""
-        views, pos, crc = [], 0, 0
-        for s in p.slices[(layer, expert)]:
-            width = align_up(s.nbytes) + BLOCK
-            view = p.file.read_into(buf[pos : pos + width], s.offset, s.nbytes, stop)
-            crc = zlib.crc32(view, crc) if self.verify else crc
-            views.append(view)
-            pos += width
+        views = []
+        for pos, (_, length), s in self._layout(p, layer, expert):
+            views.append(p.file.read_into(buf[pos : pos + length], s.offset, s.nbytes, stop))
+        self._check(p, layer, expert, views)
+        return views
+
+    def _check(self, p: Precision, layer: int, expert: int, views) -> None:
+        """The bytes read against the manifest's crc32, the first time this process reads
+        this expert's copy (the disk's bytes do not change under a run; a read's own bytes
+        never share memory with another's, so a later read is the same bytes again)."""
+        key = (p.name, layer, expert)
         want = p.crc.get((layer, expert))
-        if self.verify and want is not None and crc != want:
+        if not self.verify or want is None or key in self._checked:
+            return
+        crc = 0
+        for view in views:
+            crc = zlib.crc32(view, crc)
+        if crc != want:
             raise HobbitError(
                 f"{p.file.name}: layer {layer} expert {expert} fails its checksum "
                 f"(crc32 {crc:08x}, manifest says {want:08x}); the shard is corrupt: "
                 "re-run `hobbit prepare`"
             )
-        return views
+        self._checked.add(key)
 
     def _convert(self, p: Precision, parts) -> list[QLinear]:
         return [
