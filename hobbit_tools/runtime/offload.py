@@ -40,7 +40,6 @@ class OffloadOptions:
     prefetch_depth: int = 0  # layers looked ahead (0: no prefetch)
     adaptive_depth: bool = True  # look at l+2 only when l+1's predictions are all cached
     io_threads: int = 2
-    io: str = "auto"  # "auto": batched direct reads (kernel AIO) where possible; "threads"
 
 
 @dataclass
@@ -324,18 +323,23 @@ class OffloadedExperts:
 
 def _batched_reads(store: ExpertStore, options: OffloadOptions) -> tuple[AsyncReads | None, str]:
     """Kernel AIO for the loads that are plain direct reads (`store.reads_async`), where this
-    system has it and `options.io` allows; with what serves the loads, in words."""
+    system has it (and HOBBIT_IO is not "threads"); with what serves the loads, in words."""
     batched = [p for p in store.p if store.reads_async(p)]
-    if options.io == "threads" or not batched:
-        return None, f"{options.io_threads} reader threads"
-    why = aio.available()
+    threads = f"{options.io_threads} reader threads"
+    why = "" if batched else "no precision is plain direct reads"
+    if not why:
+        why = aio.available()
     if not why:
         try:
-            # a layer's misses and the prefetches ahead of it, three pieces each
-            return aio.AsyncReads(depth=1024), "batched direct reads (kernel AIO)"
+            reads = aio.AsyncReads()
         except OSError as e:
             why = str(e)
-    return None, f"{options.io_threads} reader threads (no kernel AIO: {why})"
+        else:
+            rest = [p for p in store.p if p not in batched]
+            return reads, "batched direct reads (kernel AIO)" + (
+                f" for {'+'.join(batched)}; {threads} for {'+'.join(rest)}" if rest else ""
+            )
+    return None, f"{threads} ({why})"
 
 
 class RouterView:
