@@ -70,6 +70,42 @@ def test_a_short_read_and_a_failing_completion_reach_the_future(data_file):
     reads.close()
 
 
+def test_demand_goes_first_a_hurried_prefetch_joins_it_a_cancelled_one_stops(
+    data_file, monkeypatch
+):
+    """One read in flight at a time (window of one chunk), pieces split in chunks: queued
+    demand reads go before queued prefetches; `hurry` moves a prefetch's queued reads to
+    the demand; `cancel` drops a prefetch's queued reads, so its later chunks never land."""
+    f, want = data_file
+    monkeypatch.setattr(aio, "CHUNK", io.BLOCK)
+    reads = aio.AsyncReads(window=io.BLOCK)
+    buf = io.aligned_buffer(32 * io.BLOCK)
+    at = buf.ctypes.data
+
+    def job(k, demand):  # 4 blocks from block 10*k into buf's 8k-th block
+        return reads.submit([(f.fd, 10 * k * io.BLOCK, 4 * io.BLOCK, at + 8 * k * io.BLOCK)],
+                            lambda: k, "data.bin", demand=demand)  # fmt: skip
+
+    late, hurried, dropped = job(0, False), job(1, False), job(2, False)
+    first = job(3, True)
+    reads.flush()  # one read goes: the demand's first chunk
+    reads.cancel(dropped)
+    reads.hurry(hurried)
+    reads.wait([first])
+    assert first.result() == 3 and not hurried.done() and not late.done()
+    reads.wait([hurried])
+    assert hurried.result() == 1 and not late.done()
+    reads.drain()
+    assert late.result() == 0
+    with pytest.raises(io.ReadStopped):
+        dropped.result()
+    for k in (0, 1, 3):
+        got = buf[8 * k * io.BLOCK : (8 * k + 4) * io.BLOCK].tobytes()
+        assert got == want[10 * k * io.BLOCK : (10 * k + 4) * io.BLOCK]
+    assert not buf[16 * io.BLOCK : 20 * io.BLOCK].any()  # the cancelled job read nothing
+    reads.close()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("aio")

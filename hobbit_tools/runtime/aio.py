@@ -22,10 +22,12 @@ import ctypes as C
 import errno
 import os
 import platform
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
 from ..errors import HobbitError
+from .io import CHUNK, ReadStopped
 
 # syscall numbers: x86-64's own table; arm64 uses the generic one
 _SYSCALLS = {
@@ -60,16 +62,12 @@ Piece = tuple[int, int, int, int]  # fd, file offset, bytes, destination address
 
 
 class _Job:
-    __slots__ = ("future", "complete", "left", "error", "name")
+    __slots__ = ("future", "complete", "left", "error", "name", "demand")
 
-    def __init__(self, future: Future, complete: Callable, n: int, name: str):
-        self.future, self.complete, self.left, self.error, self.name = (
-            future,
-            complete,
-            n,
-            None,
-            name,
-        )
+    def __init__(self, future: Future, complete: Callable, n: int, name: str, demand: bool):
+        self.future, self.complete, self.left = future, complete, n
+        self.error: BaseException | None = None
+        self.name, self.demand = name, demand
 
 
 _libc = None
@@ -96,13 +94,15 @@ def available() -> str:
 
 class AsyncReads:
     """A kernel AIO context for up to `depth` reads in flight. `submit` queues a job's pieces
-    and returns a Future; `flush` sends everything queued in one system call (one doorbell
-    for a layer's misses); the Future completes (in `poll` / `wait`, on the caller's
-    thread) once every piece has arrived and the job's `complete` has run."""
+    (split into CHUNK-sized reads) and returns a Future; `flush` sends queued reads in one
+    system call, demand before prefetch, up to `window` bytes in flight; the Future
+    completes (in `poll` / `wait`, on the caller's thread) once every piece has arrived and
+    the job's `complete` has run. A prefetch can be hurried (`hurry`: its reads not yet sent
+    go with the demand ones) or given up (`cancel`: its reads not yet sent are dropped)."""
 
     def __init__(self, depth: int = 1024, window: int = 8 << 20):
         self.depth = depth
-        # bytes in flight at most (one piece always goes). Measured here on Qwen3's expert
+        # bytes in flight at most (one read always goes). Measured here on Qwen3's expert
         # dims (5 MB Q8_0 experts, three 1.7 MB pieces): 1-2 MiB 28.4 ms a token, 4 MiB
         # 26.5, 8-16 MiB 24.1, unbounded 30.0 (a layer's first miss arrived with its last)
         self.window = window
@@ -114,68 +114,105 @@ class AsyncReads:
         self._addr = [C.addressof(cb) for cb in self._cbs]
         self._free = list(range(depth - 1, -1, -1))
         self._job: list[_Job | None] = [None] * depth
-        self._queued: list[int] = []  # control blocks filled, not yet submitted
+        self._demand: deque = deque()  # (job, fd, offset, nbytes, address) not yet sent
+        self._prefetch: deque = deque()
         self._events = (_Event * 256)()
-        self.in_flight = 0  # pieces submitted, not yet reaped
+        self.in_flight = 0  # reads submitted, not yet reaped
         self.bytes_in_flight = 0
 
     # -- submit ------------------------------------------------------------------------------
-    def submit(self, pieces: list[Piece], complete: Callable[[], object], name: str = "") -> Future:
+    def submit(
+        self,
+        pieces: list[Piece],
+        complete: Callable[[], object],
+        name: str = "",
+        demand: bool = True,
+    ) -> Future:
         """Queue reads of every piece (aligned for O_DIRECT by the caller); `complete()` runs
         once all have arrived, its result the Future's. Sent by the next `flush`."""
         future: Future = Future()
-        future.set_running_or_notify_cancel()  # in the kernel from now on: not cancellable
+        future.set_running_or_notify_cancel()  # ours from now on: Future.cancel cannot stop it
         future.batched = True  # reaped by `poll` / `wait` here, not by a thread
-        job = _Job(future, complete, len(pieces), name)
-        if not pieces:
+        reads = [
+            (fd, offset + at, min(CHUNK, nbytes - at), addr + at)
+            for fd, offset, nbytes, addr in pieces
+            for at in range(0, nbytes, CHUNK)
+        ]
+        job = _Job(future, complete, len(reads), name, demand)
+        future.job = job
+        if not reads:
             self._finish(job)
-        for fd, offset, nbytes, addr in pieces:
-            while not self._free:  # every control block in use: make room
-                self.flush()
-                self._reap(1)
-            i = self._free.pop()
-            cb = self._cbs[i]
-            cb.data, cb.opcode, cb.fildes, cb.buf, cb.nbytes, cb.offset = (
-                i,
-                _PREAD,
-                fd,
-                addr,
-                nbytes,
-                offset,
-            )
-            self._job[i] = job
-            self._queued.append(i)
+        (self._demand if demand else self._prefetch).extend((job, *r) for r in reads)
         return future
 
+    def hurry(self, future: Future) -> None:
+        """A prefetch the model now waits for: its reads not yet sent go with the demand."""
+        job = future.job
+        if job.demand:
+            return
+        job.demand = True
+        mine = [r for r in self._prefetch if r[0] is job]
+        self._prefetch = deque(r for r in self._prefetch if r[0] is not job)
+        self._demand.extend(mine)
+
+    def cancel(self, future: Future) -> None:
+        """Give a job up: its reads not yet sent are dropped; it ends (ReadStopped) once those
+        in flight are back."""
+        job = future.job
+        if future.done() or job.error is not None:
+            return
+        job.error = ReadStopped(job.name)
+        for q in (self._demand, self._prefetch):
+            kept = deque(r for r in q if r[0] is not job)
+            job.left -= len(q) - len(kept)
+            q.clear()
+            q.extend(kept)
+        if job.left == 0:
+            self._finish(job)
+
     def flush(self) -> None:
-        """Send queued reads to the device in one system call, in order, up to `window`
-        bytes in flight: small reads all go at once (their latency overlaps), large ones
-        stream, so that a layer's first miss arrives early instead of with the last."""
-        while self._queued:
+        """Send queued reads to the device in one system call, demand first, in order, up
+        to `window` bytes in flight: small reads all go at once (their latency overlaps),
+        large ones stream, so that a layer's first miss arrives early, not with its last."""
+        while self._demand or self._prefetch:
             room = self.window - self.bytes_in_flight
-            n = 0
-            # in order while they fit; the first one always, when nothing else is in flight
-            while n < len(self._queued) and self._cbs[self._queued[n]].nbytes <= room:
-                room -= self._cbs[self._queued[n]].nbytes
-                n += 1
-            if n == 0:
+            batch = []
+            for q in (self._demand, self._prefetch):
+                while q and len(batch) < len(self._free) and q[0][3] <= room:
+                    room -= q[0][3]
+                    batch.append(q.popleft())
+            if not batch:
                 if self.in_flight:
                     return  # the window is full: more go as these complete (`_reap`)
-                n = 1
-            addrs = (C.c_void_p * n)(*(self._addr[i] for i in self._queued[:n]))
-            got = _syscall("submit", self._ctx, C.c_long(n), addrs)
+                batch.append((self._demand or self._prefetch).popleft())
+            ids = []
+            for job, fd, offset, nbytes, addr in batch:
+                i = self._free.pop()
+                cb = self._cbs[i]
+                cb.data, cb.opcode, cb.fildes = i, _PREAD, fd
+                cb.buf, cb.nbytes, cb.offset = addr, nbytes, offset
+                self._job[i] = job
+                ids.append(i)
+            self._send(ids)
+
+    def _send(self, ids: list[int]) -> None:
+        """io_submit these control blocks (all of them, however many calls it takes)."""
+        while ids:
+            n = len(ids)
+            got = _syscall(
+                "submit", self._ctx, C.c_long(n), (C.c_void_p * n)(*(self._addr[i] for i in ids))
+            )
             if got < 0:
                 e = C.get_errno()
                 if e == errno.EAGAIN and self.in_flight:
-                    self._reap(1)
+                    self._reap(1, refill=False)
                     continue
-                for i in self._queued:  # refused: the loads fail, with the reason
+                for i in ids:  # refused: those loads fail, with the reason
                     self._done(i, OSError(e, f"io_submit: {os.strerror(e)}"))
-                self._queued = []
                 return
             self.in_flight += got
-            self.bytes_in_flight += sum(self._cbs[i].nbytes for i in self._queued[:got])
-            self._queued = self._queued[got:]
+            self.bytes_in_flight += sum(self._cbs[i].nbytes for i in ids[:got])
+            ids = ids[got:]
 
     # -- reap --------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -198,7 +235,7 @@ class AsyncReads:
         while self.in_flight:
             self._reap(1)
 
-    def _reap(self, at_least: int) -> None:
+    def _reap(self, at_least: int, refill: bool = True) -> None:
         n = len(self._events)
         while True:
             got = _syscall(
@@ -223,7 +260,8 @@ class AsyncReads:
                     else HobbitError(f"short read from {name}: {res} of {want} bytes")
                 )
             self._done(i, error)
-        self.flush()  # the window has room again
+        if refill:
+            self.flush()  # the window has room again
 
     def _done(self, i: int, error: BaseException | None) -> None:
         """Control block i has completed (or been refused): free it; the job finishes with

@@ -136,7 +136,8 @@ class ExpertCache:
         view = self.arenas[key[2]].view(slot)
         if self.reads is not None and self.store.reads_async(key[2]):
             pieces, complete = self.store.plan_read(*key, view, stop=lambda: entry.stop)
-            entry.future = self.reads.submit(pieces, complete, self.store.p[key[2]].file.name)
+            name = self.store.p[key[2]].file.name
+            entry.future = self.reads.submit(pieces, complete, name, demand=priority == DEMAND)
         else:
 
             def between_chunks() -> bool:  # on the I/O thread: True = give up the read
@@ -149,6 +150,12 @@ class ExpertCache:
         self.entries[key] = entry
         self.boards[key[2]].hold(entry)
         return entry
+
+    def hurry(self, entry: Entry) -> None:
+        """A prefetch still loading that the model now waits for: no longer yields."""
+        entry.urgent = True
+        if getattr(entry.future, "batched", False):
+            self.reads.hurry(entry.future)
 
     def flush(self) -> None:
         """Send the batched reads queued so far to the device (one system call)."""
@@ -222,6 +229,8 @@ class ExpertCache:
             return True
         if entry.pins == 0 and not entry.ready and entry.future is not None:
             entry.stop = True
+            if getattr(entry.future, "batched", False):
+                self.reads.cancel(entry.future)  # its reads not yet sent are dropped
             if self.entries.get(entry.key) is entry:
                 del self.entries[entry.key]
             self.stopping.append(entry)  # still holds its slot on the board
@@ -291,12 +300,16 @@ class ExpertCache:
     def settle(self) -> None:
         """Stop every read in flight (queued ones cancelled, running ones told to stop) and
         wait for each to end: afterwards no I/O thread writes into any slot."""
+        loading = [e for e in [*self.entries.values(), *self.stopping] if not e.ready and e.future]
+        for entry in loading:
+            if getattr(entry.future, "batched", False):
+                entry.stop = True
+                self.reads.cancel(entry.future)
+            else:
+                entry.stop = entry.stop or not entry.future.cancel()
         if self.reads is not None:
             self.reads.drain()
-        for entry in list(self.entries.values()) + self.stopping:
-            if entry.ready or entry.future is None:
-                continue
-            entry.stop = entry.stop or not entry.future.cancel()
+        for entry in loading:
             try:
                 entry.future.result()
             except BaseException:  # stopped, cancelled or failed: nothing left writing

@@ -119,7 +119,7 @@ class OffloadedExperts:
                 if entry.ready:
                     ready.append((entry, rows, slots))
                 else:  # still loading (a prefetch): wait for it like a miss
-                    entry.urgent = True
+                    self.cache.hurry(entry)
                     waiting[entry.future] = (entry, rows, slots)
                 record.append((e, entry.key[2], "hit"))
             else:
