@@ -94,13 +94,6 @@ def test_run_offloads_under_a_memory_limit(limited, big_model, tmp_path):
     assert stats["bytes_read"] > 0 and 0 < info["cache_bytes"] < info["full_cache_bytes"]
 
 
-@pytest.mark.xfail(
-    reason="under 350 MiB the profile's own state (torch, the layer-by-layer pass, the "
-    "allocator) leaves a few MiB: a clean clone's run stopped when a decode's cache came out "
-    "36 KB below the working minimum (fixed in stop 21: the minimum may take half the floor's "
-    "margin); non-strict until it has held in CI",
-    strict=False,
-)
 def test_profile_and_tuned_run_offload_under_a_memory_limit(limited, big_model, tmp_path):
     prof = _run_in(limited, ["profile", str(big_model), "--max-tokens", "512", "--quick"], tmp_path)
     full = hobbit_tools.load(big_model, policy="lru", memory="10%", config=False).info[
