@@ -5,15 +5,16 @@ Why not reader threads: with small experts a token makes dozens of reads, and ha
 to a thread and back costs more than the read (measured on a 2-core VM, Qwen3's routing
 shape: time per token outside I/O waits 1.5x resident's with two reader threads, their
 wake-ups and the GIL they take back; synchronous reads on the model's thread 1.15x but no
-overlap). Here a layer's misses go to the device in one system call, all in flight at once
-(27 reads of 16 KB: 0.41 ms together, 1.75 ms one after another), the model computes its
-cached experts meanwhile and reaps the completions when it needs them: no thread, no
-hand-off. A job's `complete` (checksum, repack, build the expert) runs on the reaping
-thread, and its result is the job's Future's.
+overlap). Here a layer's misses go to the device in one system call, in flight together
+(27 reads of 16 KB: 0.41 ms together, 1.75 ms one after another; large reads stream in
+2 MiB chunks through an 8 MiB window, demand before prefetch), the model computes its cached
+experts meanwhile and reaps the completions when it needs them: no thread, no hand-off. A
+job's `complete` (checksum, build the expert) runs on the reaping thread, and its result is
+the job's Future's.
 
 Kernel AIO is asynchronous for O_DIRECT files (the shards); `available()` says whether this
-system has it (Linux on x86-64 or arm64, and the io_setup limit not reached), else the
-runtime's reader threads serve (`io.IOPool`).
+system has it (Linux on x86-64 or arm64; HOBBIT_IO=threads turns it off), else, or where
+io_setup refuses, the runtime's reader threads serve (`io.IOPool`).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ is in exactly one state, changed only by the thread that runs the model:
     PINNED    READY and in use by a kernel
     STOPPING  the entry was given up while its read runs; the slot frees once the read ends
 
-A load is a batched direct read reaped by the model's thread (`aio.py`: the GGUF bytes
-read into the slot) or a job on the reader threads (loads converted after the read, files
-without O_DIRECT). An I/O job writes only the slot it was given (and a staging buffer leased for it alone). A
-PINNED or protected entry is never evicted; which READY entry to evict is the policy's call.
+A load is a batched direct read reaped by the model's thread (`aio.py`: GGUF bytes read
+into the slot) or a job on the reader threads (loads repacked or converted after the read,
+files without O_DIRECT). An I/O job writes only the slot it was given (and a staging buffer
+leased for it alone). A PINNED or protected entry is never evicted; which READY entry to
+evict is the policy's call.
 Nothing frees a LOADING slot: `settle` stops every read and waits for it first (errors,
 close). No decisions about what to load live here: see `offload.py`.
 
