@@ -51,16 +51,17 @@ class GGUFExpert:
         self.mats = mats
         self.nbytes = nbytes
         self.slot = slot  # keeps the memory alive
+        self.addr = slot.ctypes.data
         self.graphs = graphs
         self.dtype = torch.float32
+        self.layout = ggml.ExpertGroup.key([mats])  # what a group graph is built for
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
             return ggml.ffn(x, *self.mats).to(x.dtype)
-        key = self.slot.ctypes.data
-        graph = self.graphs.get(key)
+        graph = self.graphs.get(self.addr)
         if graph is None:
-            graph = self.graphs[key] = ggml.ExpertFFN(*self.mats)
+            graph = self.graphs[self.addr] = ggml.ExpertFFN(*self.mats)
         graph.bind(*(m[0] for m in self.mats))
         return graph(x).to(x.dtype)
 
@@ -147,7 +148,7 @@ class Combiner:
         """One token (decode): experts [n] on x [1, D] in one ggml call (`run_group`); slots:
         the top-k slot each serves. The same sums as `add` for each, bit for bit."""
         # by layout, so that a layer's mix of precisions reuses few graphs
-        keys = [ggml.ExpertGroup.key([e.mats]) for e in experts]
+        keys = [e.layout for e in experts]
         order = sorted(range(len(experts)), key=keys.__getitem__)
         key = sum((keys[i] for i in order), ())
         y = run_group([experts[i] for i in order], x, key).to(self.parts.dtype)

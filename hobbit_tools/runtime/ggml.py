@@ -651,7 +651,7 @@ class ExpertGroup(_OneToken):
     def key(experts) -> tuple:
         """What a graph is built for: the weights' types, shapes and layouts, in order."""
         return tuple(
-            (w.qtype, w.shape, w.traits) for mats in experts for w in map(Weight._make, mats)
+            (w.qtype, w.shape, w.traits) for mats in experts for w in (Weight(*m) for m in mats)
         )
 
     def __call__(self, experts, x: torch.Tensor) -> np.ndarray:
