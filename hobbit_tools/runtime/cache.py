@@ -85,6 +85,10 @@ class Board:
         if self.entry[entry.slot] is entry:
             self.evictable[entry.slot] = entry.evictable
 
+    def pin(self, entry: Entry) -> None:
+        if self.entry[entry.slot] is entry:
+            self.evictable[entry.slot] = False
+
     def let_go(self, entry: Entry) -> None:
         if self.entry[entry.slot] is entry:
             self.entry[entry.slot] = None
@@ -193,8 +197,9 @@ class ExpertCache:
     def pin(self, entry: Entry) -> None:
         """In use by the layer now running: never evicted until unpinned."""
         entry.pins += 1
-        self.unprotect(entry)
-        self.boards[entry.key[2]].update(entry)
+        if entry.protected_for is not None:
+            self.unprotect(entry)
+        self.boards[entry.key[2]].pin(entry)
 
     def unpin(self, entry: Entry) -> None:
         entry.pins -= 1
