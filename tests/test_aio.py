@@ -154,3 +154,20 @@ def test_the_runtime_on_batched_reads_matches_resident_and_reader_threads(model,
     )
     assert threaded.info["io"].startswith("2 reader threads")
     assert threaded.generate(ids, max_new_tokens=16, stop_at_eos=False).token_ids == want
+
+
+def test_a_large_copys_first_read_goes_to_the_reader_threads(model, monkeypatch):
+    """Its crc32 check then runs beside the model; once checked, its loads are batched."""
+    from hobbit_tools.runtime import store as store_mod
+    from hobbit_tools.runtime.store import SlotArena
+
+    store = ExpertStore(ModelFiles(model), ["high"], torch.float32)
+    if not store.reads_async("high"):
+        pytest.skip("the shards are not read directly here")
+    assert store.batchable(1, 2, "high")  # small: checked on the model's thread
+    monkeypatch.setattr(store_mod, "CHECK_INLINE_BELOW", 0)
+    assert not store.batchable(1, 2, "high")
+    arena = SlotArena(store.p["high"].slot_bytes, 1)
+    store.read(1, 2, "high", arena.view(0))  # as a reader thread does: read and check
+    assert store.batchable(1, 2, "high") and not store.batchable(1, 3, "high")
+    store.close()

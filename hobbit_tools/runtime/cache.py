@@ -139,7 +139,7 @@ class ExpertCache:
             return None
         entry = Entry(key, slot, self.policy.t.id(key))
         view = self.arenas[key[2]].view(slot)
-        if self.reads is not None and self.store.reads_async(key[2]):
+        if self.reads is not None and self.store.batchable(*key):
             pieces, complete = self.store.plan_read(*key, view, stop=lambda: entry.stop)
             name = self.store.p[key[2]].file.name
             entry.future = self.reads.submit(pieces, complete, name, demand=priority == DEMAND)

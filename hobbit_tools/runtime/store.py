@@ -45,6 +45,7 @@ from .loader import ModelFiles
 from .pack import UNPACKED_TYPES, Pack, open_pack, pack_key
 
 ALIGN = 64  # tensors placed in a slot start on cache-line boundaries
+CHECK_INLINE_BELOW = 1 << 20  # a first-read check this small runs on the model's thread
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,22 @@ class ExpertStore:
         if p.kernel != "ggml" or not p.file.direct:
             return False
         return not any(ggml.repack_traits(p.qtype, s.shape) for s in next(iter(p.slices.values())))
+
+    def batchable(self, layer: int, expert: int, precision: str) -> bool:
+        """Whether this load goes to the batched reads: its precision's loads can
+        (`reads_async`), and its first-read check, if still due, is small enough for the
+        model's thread. A large copy's first read stays on the reader threads, where its
+        crc32 runs beside the compute (1.1 ms per 5 MB here; a prefill of m742 under 450 MiB
+        checked 64 experts of 11.7 MB on the model's thread: 98 -> 86 tok/s)."""
+        p = self.p[precision]
+        if not self.reads_async(precision):
+            return False
+        due = (
+            self.verify
+            and (layer, expert) in p.crc
+            and (precision, layer, expert) not in self._checked
+        )
+        return not due or p.expert_bytes < CHECK_INLINE_BELOW
 
     def plan_read(self, layer: int, expert: int, precision: str, slot: np.ndarray, stop=None):
         """The reads of a load (`reads_async`) as (fd, offset, length, address) pieces, and
