@@ -126,7 +126,7 @@ def test_settle_leaves_no_batched_read_in_flight(model):
     for entry in loads:
         cache.protect(entry, 1)
     cache.flush()
-    assert reads.in_flight > 0 and all(getattr(e.future, "batched", False) for e in loads)
+    assert reads.in_flight > 0 and all(aio.batched(e.future) for e in loads)
     cache.cancel(loads[0])  # given up while in the kernel: STOPPING until reaped
     cache.abort()
     assert reads.in_flight == 0 and all(e.future.done() for e in loads)

@@ -93,6 +93,11 @@ def available() -> str:
     return ""
 
 
+def batched(future: Future) -> bool:
+    """Whether a load's Future is an `AsyncReads` job (reaped by its caller, not a thread)."""
+    return getattr(future, "batched", False)
+
+
 class AsyncReads:
     """A kernel AIO context for up to `depth` reads in flight. `submit` queues a job's pieces
     (split into CHUNK-sized reads) and returns a Future; `flush` sends queued reads in one
@@ -102,7 +107,6 @@ class AsyncReads:
     go with the demand ones) or given up (`cancel`: its reads not yet sent are dropped)."""
 
     def __init__(self, depth: int = 1024, window: int = 8 << 20):
-        self.depth = depth
         # bytes in flight at most (one read always goes). Measured here on Qwen3's expert
         # dims (5 MB Q8_0 experts, three 1.7 MB pieces): 1-2 MiB 28.4 ms a token, 4 MiB
         # 26.5, 8-16 MiB 24.1, unbounded 30.0 (a layer's first miss arrived with its last)

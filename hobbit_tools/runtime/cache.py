@@ -31,7 +31,7 @@ from functools import partial
 
 import numpy as np
 
-from .aio import AsyncReads
+from .aio import AsyncReads, batched
 from .experts import Expert
 from .io import DEMAND, IOPool
 from .policies import Key, Policy
@@ -107,7 +107,8 @@ class ExpertCache:
     ):
         self.store = store
         self.policy = policy
-        self.pool = pool  # reader threads: loads that convert after the read, buffered files
+        self.pool = pool  # reader threads: loads repacked or converted after the read, a large
+        # copy's first (checked) read, files without O_DIRECT
         self.reads = reads  # batched direct reads reaped by this thread: every other load
         self.arenas = {
             p: SlotArena(store.p[p].slot_bytes, budget // store.p[p].slot_bytes)
@@ -159,7 +160,7 @@ class ExpertCache:
     def hurry(self, entry: Entry) -> None:
         """A prefetch still loading that the model now waits for: no longer yields."""
         entry.urgent = True
-        if getattr(entry.future, "batched", False):
+        if batched(entry.future):
             self.reads.hurry(entry.future)
 
     def flush(self) -> None:
@@ -179,12 +180,12 @@ class ExpertCache:
             done = [f for f in futures if f.done()]
             if done:
                 return done
-            threaded = [f for f in futures if not getattr(f, "batched", False)]
+            threaded = [f for f in futures if not batched(f)]
             if not threaded:
                 self.reads.wait(futures)
             elif self.reads is None or not self.reads.in_flight:
                 wait(threaded, return_when=FIRST_COMPLETED)
-            else:  # both kinds pending (a mixed-kernel model): take turns
+            else:  # both kinds pending: take turns
                 wait(threaded, timeout=0.0005, return_when=FIRST_COMPLETED)
                 self.reads.poll()
 
@@ -235,7 +236,7 @@ class ExpertCache:
             return True
         if entry.pins == 0 and not entry.ready and entry.future is not None:
             entry.stop = True
-            if getattr(entry.future, "batched", False):
+            if batched(entry.future):
                 self.reads.cancel(entry.future)  # its reads not yet sent are dropped
             if self.entries.get(entry.key) is entry:
                 del self.entries[entry.key]
@@ -308,7 +309,7 @@ class ExpertCache:
         wait for each to end: afterwards no I/O thread writes into any slot."""
         loading = [e for e in [*self.entries.values(), *self.stopping] if not e.ready and e.future]
         for entry in loading:
-            if getattr(entry.future, "batched", False):
+            if batched(entry.future):
                 entry.stop = True
                 self.reads.cancel(entry.future)
             else:

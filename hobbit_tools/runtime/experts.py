@@ -116,6 +116,8 @@ def dispatch(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
 def group_rows(ids: list[list[int]]) -> list[tuple[int, list[int], list[int]]]:
     """`dispatch` on Python lists (ids.tolist()): the decode path, where a handful of
     small torch ops per layer would cost more than the grouping."""
+    if len(ids) == 1:  # one token: its top-k experts are distinct
+        return sorted((e, [0], [k]) for k, e in enumerate(ids[0]))
     groups: dict[int, tuple[list[int], list[int]]] = {}
     for r, row in enumerate(ids):
         for k, e in enumerate(row):

@@ -145,6 +145,11 @@ class ShardFile:
         start = align_down(offset)
         return start, align_up(offset + nbytes) - start
 
+    def count(self, n: int) -> None:
+        """n more bytes delivered by the disk (from any thread)."""
+        with self._count:
+            self.bytes_read += n
+
     def read_into(
         self, buf: np.ndarray, offset: int, nbytes: int, stop: Callable[[], bool] | None = None
     ) -> np.ndarray:
@@ -162,8 +167,7 @@ class ShardFile:
             if n <= 0:
                 break
             got += n
-            with self._count:
-                self.bytes_read += n
+            self.count(n)
         if got < offset + nbytes - start:
             raise HobbitError(f"short read from {self.name} at byte {start + got}")
         return buf[offset - start : offset - start + nbytes]

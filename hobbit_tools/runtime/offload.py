@@ -103,19 +103,18 @@ class OffloadedExperts:
         if T == 1:
             self._settle_prefetches(layer, set(ids_l[0]))
         ready, waiting, missing, record = [], {}, [], []
-        for e, rows, slots in _by_expert(ids_l):
+        for e, rows, slots in group_rows(ids_l):
             if T == 1:  # decode: one (token, slot) per expert
                 want, has_top1 = level[0][slots[0]], top1[0][slots[0]]
+                self.c.served["skip"] += want == SKIP
             else:
                 kept = [(r, k) for r, k in zip(rows, slots, strict=True) if level[r][k] != SKIP]
                 self.c.served["skip"] += len(rows) - len(kept)
                 rows, slots = [r for r, _ in kept], [k for _, k in kept]
-                want = (
-                    HIGH if any(level[r][k] == HIGH for r, k in kept) else SKIP if not kept else LOW
-                )
+                high = any(level[r][k] == HIGH for r, k in kept)
+                want = SKIP if not kept else HIGH if high else LOW
                 has_top1 = any(top1[r][k] for r, k in kept)
             if want == SKIP:
-                self.c.served["skip"] += T == 1
                 record.append((e, "skip", "-"))
                 continue
             entry = self._lookup(layer, e, want, has_top1)
@@ -326,13 +325,6 @@ class OffloadedExperts:
             }
         )
         self._last_predictions = {}
-
-
-def _by_expert(ids: list[list[int]]) -> list[tuple[int, list[int], list[int]]]:
-    """(expert, rows, slots) in expert order; one token's distinct top-k without grouping."""
-    if len(ids) == 1:
-        return sorted((e, [0], [k]) for k, e in enumerate(ids[0]))
-    return group_rows(ids)
 
 
 def _batched_reads(store: ExpertStore, options: OffloadOptions) -> tuple[AsyncReads | None, str]:

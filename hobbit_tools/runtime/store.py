@@ -67,6 +67,7 @@ class Precision:
     slot_bytes: int = 0  # one expert converted for the kernel, as laid out in a slot
     image_bytes: int = 0  # slot_bytes rounded up to the direct-read block: a pack's image
     kernel: str = "torch"  # "ggml": the slot holds GGUF bytes, computed in place
+    batched: bool = False  # a load is plain direct reads into the slot and a check (aio.py)
     layout: list = field(default_factory=list)  # [role, attribute, dtype, shape, offset]
     template: list = field(default_factory=list)  # the three QLinears, without tensors
     pack: Pack | None = None
@@ -107,6 +108,13 @@ class ExpertStore:
             if p.kernel == "ggml":
                 # the slot is the read itself: each slice widened to block boundaries
                 p.slot_bytes = p.image_bytes = p.staging_bytes
+                # types ggml repacks here stay on the reader threads: a repack costs more
+                # than computing the expert (Q4_K, 6 MB: 2.4 ms against ~2 ms), and there
+                # it runs beside the model instead of on its thread
+                shapes = [sl.shape for sl in next(iter(p.slices.values()))]
+                p.batched = p.file.direct and not any(
+                    ggml.repack_traits(p.qtype, shape) for shape in shapes
+                )
                 continue
             self._measure_slot(p)
             if packs:
@@ -222,13 +230,8 @@ class ExpertStore:
 
     def reads_async(self, precision: str) -> bool:
         """Whether a load of this precision is plain direct reads into the slot and a check:
-        what `plan_read` hands to `aio.AsyncReads`. Types ggml repacks on this CPU stay on
-        the reader threads: a repack costs more than computing the expert (Q4_K, 6 MB:
-        2.4 ms against ~2 ms), and there it runs beside the model instead of on its thread."""
-        p = self.p[precision]
-        if p.kernel != "ggml" or not p.file.direct:
-            return False
-        return not any(ggml.repack_traits(p.qtype, s.shape) for s in next(iter(p.slices.values())))
+        what `plan_read` hands to `aio.AsyncReads` (not types ggml repacks on this CPU)."""
+        return self.p[precision].batched
 
     def batchable(self, layer: int, expert: int, precision: str) -> bool:
         """Whether this load goes to the batched reads: its precision's loads can
@@ -237,14 +240,9 @@ class ExpertStore:
         crc32 runs beside the compute (1.1 ms per 5 MB here; a prefill of m742 under 450 MiB
         checked 64 experts of 11.7 MB on the model's thread: 98 -> 86 tok/s)."""
         p = self.p[precision]
-        if not self.reads_async(precision):
+        if not p.batched:
             return False
-        due = (
-            self.verify
-            and (layer, expert) in p.crc
-            and (precision, layer, expert) not in self._checked
-        )
-        return not due or p.expert_bytes < CHECK_INLINE_BELOW
+        return p.expert_bytes < CHECK_INLINE_BELOW or self._check_due(p, layer, expert) is None
 
     def plan_read(self, layer: int, expert: int, precision: str, slot: np.ndarray, stop=None):
         """The reads of a load (`reads_async`) as (fd, offset, length, address) pieces, and
@@ -255,8 +253,7 @@ class ExpertStore:
         for pos, (start, length), s in self._layout(p, layer, expert):
             pieces.append((p.file.fd, start, length, slot.ctypes.data + pos))
             views.append(slot[pos + s.offset - start : pos + s.offset - start + s.nbytes])
-        with p.file._count:
-            p.file.bytes_read += sum(piece[2] for piece in pieces)
+        p.file.count(sum(piece[2] for piece in pieces))
 
         def complete():
             if stop is not None and stop():
@@ -320,9 +317,8 @@ class ExpertStore:
         """The bytes read against the manifest's crc32, the first time this process reads
         this expert's copy (the disk's bytes do not change under a run; a read's own bytes
         never share memory with another's, so a later read is the same bytes again)."""
-        key = (p.name, layer, expert)
-        want = p.crc.get((layer, expert))
-        if not self.verify or want is None or key in self._checked:
+        want = self._check_due(p, layer, expert)
+        if want is None:
             return
         crc = 0
         for view in views:
@@ -333,7 +329,14 @@ class ExpertStore:
                 f"(crc32 {crc:08x}, manifest says {want:08x}); the shard is corrupt: "
                 "re-run `hobbit prepare`"
             )
-        self._checked.add(key)
+        self._checked.add((p.name, layer, expert))
+
+    def _check_due(self, p: Precision, layer: int, expert: int) -> int | None:
+        """The crc32 this copy's next read must match, or None where none is due (checks
+        off, no checksum in the manifest, or already checked in this process)."""
+        if not self.verify or (p.name, layer, expert) in self._checked:
+            return None
+        return p.crc.get((layer, expert))
 
     def _convert(self, p: Precision, parts) -> list[QLinear]:
         return [
