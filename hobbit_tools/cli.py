@@ -63,7 +63,8 @@ def runtime_options(f):
                      help="Compute path of quantized experts: ggml on the GGUF bytes in place, or "
                      "torch's kernels after a conversion (default: the tuned config's, else ggml)."),
         click.option("--threads", type=click.IntRange(1, 256),
-                     help="Compute threads for ggml and torch (default: 1 for ggml, torch's own)."),
+                     help="Compute threads of the kernels (default: the CPUs this process may use "
+                     "that no other process keeps busy; torch keeps one unless it computes experts)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Compute dtype (default: the dense shard's; float32 on CPUs without a fast bf16 GEMM)."),
     ]  # fmt: skip
@@ -350,7 +351,8 @@ def _memory_parts(parts: dict, kv_now: int) -> str:
 @click.option(
     "--threads",
     type=click.IntRange(1, 256),
-    help="Compute threads for hobbit's kernels (and the baseline's); default 1.",
+    help="Compute threads for hobbit's kernels and the baseline's (default: the CPUs this "
+    "process may use that no other process keeps busy).",
 )
 @click.option(
     "--plot",
@@ -391,12 +393,9 @@ def bench(
         if not installed():
             raise click.ClickException(INSTALL)
     if threads:
-        import torch
-
         from .runtime import ggml
 
         ggml.set_threads(threads)
-        torch.set_num_threads(threads)
     result = run_bench(
         model_dir,
         [m.strip() for m in memory.split(",")],
@@ -642,7 +641,12 @@ def synth(out, preset, layers, dtype, seed, force) -> None:
 @click.option(
     "--max-tokens", type=int, help="Calibration tokens at most, over all parts (default 4096)."
 )
-@click.option("--threads", type=click.IntRange(1, 256), help="Torch threads while profiling.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    help="Compute threads while profiling, as for `hobbit run` (default: the CPUs this "
+    "process may use that no other process keeps busy).",
+)
 @click.option(
     "--recipe",
     help="Preset (a name in recipes/ or a TOML path) giving profile settings; flags win.",

@@ -8,7 +8,7 @@ each runs in a cgroup-v1 memory cgroup of its own with `memory.limit_in_bytes` =
 start cold. Rounds interleave hobbit and llama.cpp; the table shows medians and the ratio.
 
     python scripts/vs_llamacpp.py MODEL_DIR [--limits none,450MiB,380MiB] [-n 64]
-        [--rounds 3] [--threads 1] [--profile] [--hobbit "--policy lru"]
+        [--rounds 3] [--threads N] [--profile] [--hobbit "--policy lru"]
 
 --profile runs `hobbit profile` inside each limit first (its tuned config is written to
 MODEL_DIR/hobbit-config-LIMIT.json, reused by later runs unless --reprofile, and used by that
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hobbit_tools.llamacpp import measure  # noqa: E402
 from hobbit_tools.runtime.budget import parse_memory  # noqa: E402
+from hobbit_tools.runtime.threads import default_threads  # noqa: E402
 
 PROMPT = (
     "It was a dark and stormy night, and the wind howled around the old house on the hill. "
@@ -132,7 +133,11 @@ def main() -> None:
     ap.add_argument("--limits", default="none", help="Total-memory limits, comma-separated.")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="Compute threads of both (default: hobbit's, the CPUs free here, looked at once).",
+    )
     ap.add_argument(
         "--profile", action="store_true", help="hobbit profile inside each limit first."
     )
@@ -141,6 +146,8 @@ def main() -> None:
     ap.add_argument("--hobbit", default="", help="Extra `hobbit run` arguments.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    args.threads = args.threads or default_threads()
+    print(f"  {args.threads} compute thread(s) each", flush=True)
     rows = []
     for spec in args.limits.split(","):
         config = profile_in(args.model_dir, spec, args) if args.profile else None

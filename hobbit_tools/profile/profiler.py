@@ -86,22 +86,24 @@ def profile(
     say=lambda msg: None,
 ) -> dict:
     """Profile `model_dir`; writes the tuned config (to `out`, default next to the shards)
-    and a report beside it; returns the config with everything measured. `threads`: torch's
-    compute threads while profiling (default: as set; 1 suits a small model on a busy
-    machine, where a parallel region waits for any descheduled thread)."""
+    and a report beside it; returns the config with everything measured. `threads`: the
+    kernels' compute threads while profiling, as `hobbit run --threads` (default: the CPUs
+    this process may use that nothing else keeps busy)."""
+    from ..runtime import ggml
+
     validate.bounded("ppl_budget", ppl_budget, 0.0, 10.0)
     validate.bounded("max_tokens", max_tokens, 64, integer=True)
-    before = torch.get_num_threads()
     if threads:
         validate.bounded("threads", threads, 1, 256, integer=True)
-        torch.set_num_threads(threads)
+    before = torch.get_num_threads(), ggml.set_threads(threads)
     try:
         return _profile(
             model_dir, calibration, memory, ppl_budget, max_tokens, window, trace_tokens,
             quick, out, say,
         )  # fmt: skip
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        ggml.set_threads(before[1])
 
 
 def _profile(

@@ -79,14 +79,16 @@ def load(
     kernels: which compute path serves the quantized expert types: "ggml" (on the GGUF
         bytes in place), "torch" (converted after the read, or from a slot pack), or a dict
         {type: path}; default: the tuned config's measured choice, else ggml where it loads.
-    threads: compute threads of ggml's kernels and torch (process-wide).
+    threads: compute threads of ggml's kernels (process-wide; default: the CPUs this process
+        may use that nothing else keeps busy, looked at once). torch gets one thread unless
+        it computes experts (then as many): decode's attention and norms are too small to
+        share out, and a second torch thread cost the demo 2.7x of its decode speed.
     """
     from . import ggml
     from .generate import rss_bytes
 
     if threads:
         ggml.set_threads(threads)
-        torch.set_num_threads(threads)
 
     floor = rss_bytes()  # the interpreter, torch and hobbit, before the model
     files = ModelFiles(model_dir)
@@ -153,6 +155,7 @@ def load(
         below_cliff=below_cliff,
     )
     model.experts = backend
+    torch.set_num_threads(ggml.threads() if "torch" in _kernels(backend).values() else 1)
     cache_bytes = backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0))
     dense_bytes = model.dense_bytes
     info = {
@@ -200,6 +203,7 @@ def load(
         "kernels": _kernels(backend),
         # how offloaded loads reach the disk (batched direct reads, or reader threads)
         "io": getattr(backend, "io", None),
+        "threads": {"ggml": ggml.threads(), "torch": torch.get_num_threads()},
     }
     return Runtime(model, tokenizer(files), info)
 
@@ -223,7 +227,9 @@ def _caches(policy: str | Strategy | None) -> bool:
 
 def _kernels(backend) -> dict[str, str]:
     store = getattr(backend, "store", None)
-    return {} if store is None else {n: p.kernel for n, p in store.p.items()}
+    if store is None:
+        return getattr(backend, "kernels", {})  # resident: its store is closed
+    return {n: p.kernel for n, p in store.p.items()}
 
 
 def _packed(backend) -> dict[str, bool]:

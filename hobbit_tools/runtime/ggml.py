@@ -361,20 +361,25 @@ class _Pool:
 
 
 _pools = _Pool()
-# One thread unless told otherwise (`set_threads`, `hobbit run --threads`): on a loaded machine
-# a second ggml worker waits for the scheduler at every call (measured here under load: a
-# 0.6 ms expert took 6-70 ms on two threads); `hobbit profile` measures what this machine
-# gains from more.
-_threads = 1
+# Set by `set_threads` (`hobbit run --threads`, `load(threads=)`); else, on first use, the
+# CPUs this process may use that nothing else keeps busy (threads.py): a worker waiting for a
+# CPU another process holds stalls every call.
+_threads: int | None = None
 
 
-def set_threads(n: int) -> None:
-    """Threads each ggml call uses (the runtime sets it with torch's)."""
+def set_threads(n: int | None) -> int | None:
+    """Threads each ggml call uses (None: the measured default); returns the setting before."""
     global _threads
-    _threads = max(1, int(n))
+    before, _threads = _threads, None if n is None else max(1, int(n))
+    return before
 
 
 def threads() -> int:
+    global _threads
+    if _threads is None:
+        from .threads import default_threads
+
+        _threads = default_threads()
     return _threads
 
 
@@ -431,7 +436,7 @@ class _Graph:
         lb = self.lb
         g = lb.new_graph(self.ops, _GRAPH_NODES, False)
         lb.expand(g, out)
-        n = _threads
+        n = threads()
         plan = lb.plan(g, n, _pools.get(n))
         if plan.work_size:
             plan.work_data = _scratch.get("work", plan.work_size).ctypes.data
@@ -555,7 +560,7 @@ class _OneToken:
         self.lb.expand(self.graph, y)
 
     def _plan(self) -> _CPlan:
-        n, b = _threads, self.bufs
+        n, b = threads(), self.bufs
         if self._plan_threads != n:
             self.plan = self.lb.plan(self.graph, n, _pools.get(n))
             if b["work"].size < self.plan.work_size:
