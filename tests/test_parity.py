@@ -57,3 +57,21 @@ def test_incremental_decode_equals_full_forward(prepared):
         steps.append(rt.model.forward(torch.tensor([t])))
     incremental = torch.stack(steps)
     assert (incremental - full[4:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1024), (7, 2880), (3, 8, 128)])
+def test_rms_norm_is_transformers_bit_for_bit(dtype, shape):
+    # The runtime's norm takes torch's fused kernel in float32: it must stay exactly
+    # transformers' arithmetic (the exactness of offloaded vs resident logits rests on it).
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from hobbit_tools.runtime.model import _rms_norm
+
+    torch.manual_seed(0)
+    norm = MixtralRMSNorm(shape[-1], eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]))
+        for scale in (1e-3, 1.0, 1e3):
+            x = (torch.randn(shape) * scale).to(dtype)
+            assert torch.equal(_rms_norm(x, norm.weight, 1e-5), norm(x))

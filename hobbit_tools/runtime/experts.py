@@ -154,9 +154,8 @@ class Combiner:
         order = sorted(range(len(experts)), key=keys.__getitem__)
         key = sum((keys[i] for i in order), ())
         y = run_group([experts[i] for i in order], x, key).to(self.parts.dtype)
-        for row, i in enumerate(order):
-            k = slots[i]
-            self.parts[0, k] = y[row] * self.w[0, k]
+        ks = [slots[i] for i in order]  # distinct: one token's top-k slots
+        self.parts[0, ks] = y * self.w[0, ks, None]  # each row times its scalar, as `add`
 
     def result(self) -> torch.Tensor:
         return self.parts.sum(dim=1)
