@@ -155,7 +155,11 @@ class Combiner:
         key = sum((keys[i] for i in order), ())
         y = run_group([experts[i] for i in order], x, key).to(self.parts.dtype)
         ks = [slots[i] for i in order]  # distinct: one token's top-k slots
-        self.parts[0, ks] = y * self.w[0, ks, None]  # each row times its scalar, as `add`
+        if len(ks) > 3:  # each row times its scalar, as `add`: one indexed op for many
+            self.parts[0, ks] = y * self.w[0, ks, None]
+            return
+        for row, k in enumerate(ks):  # few: plain slicing is cheaper (top-2 ~6% of a token)
+            self.parts[0, k] = y[row] * self.w[0, k]
 
     def result(self) -> torch.Tensor:
         return self.parts.sum(dim=1)
