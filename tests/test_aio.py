@@ -5,7 +5,7 @@ flight after settle, and the runtime using them computes exactly what resident d
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_checkpoint, quantizable
+from tiny_models import prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools.errors import HobbitError
@@ -108,10 +108,7 @@ def test_demand_goes_first_a_hurried_prefetch_joins_it_a_cancelled_one_stops(
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer_dir):
-    d = tmp_path_factory.mktemp("aio")
-    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **quantizable())
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
-    return d / "model"
+    return prepared_pair(tmp_path_factory.mktemp("aio"), tokenizer_dir, **quantizable())
 
 
 def test_settle_leaves_no_batched_read_in_flight(model):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import make_checkpoint, quantizable
+from tiny_models import prepared_pair, quantizable
 
 import hobbit_tools
 from hobbit_tools import llamacpp
@@ -116,10 +116,7 @@ def test_llamacpps_child_runs_without_hobbit_torch_or_hobbits_openmp_setting():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer_dir):
-    d = tmp_path_factory.mktemp("threads")
-    make_checkpoint("mixtral", d / "hf", tokenizer_dir, **quantizable())
-    hobbit_tools.prepare(d / "hf", d / "model", high="Q8_0", low="Q4_K")
-    return d / "model"
+    return prepared_pair(tmp_path_factory.mktemp("threads"), tokenizer_dir, **quantizable())
 
 
 @pytest.mark.skipif(not ggml.available(), reason="ggml's library does not load here")
