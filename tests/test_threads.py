@@ -131,3 +131,18 @@ def test_torch_keeps_one_thread_unless_it_computes_experts(model):
     finally:
         torch.set_num_threads(before[0])
         ggml.set_threads(before[1])
+
+
+def test_profile_keeps_the_callers_thread_setting_unless_told(monkeypatch):
+    from hobbit_tools.profile import profiler
+
+    seen = []
+    monkeypatch.setattr(profiler, "_profile", lambda *a: seen.append(ggml.threads()) or {})
+    before = ggml.set_threads(1)
+    try:
+        profiler.profile("unused")  # no threads given: runs on the caller's setting
+        profiler.profile("unused", threads=2)
+        assert seen == [1, 2]
+        assert ggml.threads() == 1  # restored after the explicit one
+    finally:
+        ggml.set_threads(before)

@@ -95,15 +95,17 @@ def profile(
     validate.bounded("max_tokens", max_tokens, 64, integer=True)
     if threads:
         validate.bounded("threads", threads, 1, 256, integer=True)
-    before = torch.get_num_threads(), ggml.set_threads(threads)
+    torch_before = torch.get_num_threads()  # the runtime's loads set it
+    ggml_before = ggml.set_threads(threads) if threads else None
     try:
         return _profile(
             model_dir, calibration, memory, ppl_budget, max_tokens, window, trace_tokens,
             quick, out, say,
         )  # fmt: skip
     finally:
-        torch.set_num_threads(before[0])
-        ggml.set_threads(before[1])
+        torch.set_num_threads(torch_before)
+        if threads:  # without: the caller's setting was never touched
+            ggml.set_threads(ggml_before)
 
 
 def _profile(

@@ -115,7 +115,7 @@ def _meminfo_available(root: Path) -> int | None:
     return None
 
 
-def _own_cgroups(root: Path) -> dict[str, str]:
+def own_cgroups(root: Path) -> dict[str, str]:
     """/proc/self/cgroup as {controller or "" for v2: path}."""
     out = {}
     try:
@@ -130,7 +130,7 @@ def _own_cgroups(root: Path) -> dict[str, str]:
     return out
 
 
-def _ancestors(mount: Path, path: str) -> list[Path]:
+def cgroup_ancestors(mount: Path, path: str) -> list[Path]:
     """The cgroup dir of `path` under `mount` and every parent up to the mount, where they
     exist (in a container the mount often shows only the process's own subtree)."""
     rel = [p for p in path.strip("/").split("/") if p]
@@ -138,7 +138,7 @@ def _ancestors(mount: Path, path: str) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
-def _read_int(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except OSError:
@@ -158,14 +158,14 @@ def _stat(path: Path, key: str) -> int:
 
 
 def _cgroup_v1(root: Path) -> list[Available]:
-    path = _own_cgroups(root).get("memory")
+    path = own_cgroups(root).get("memory")
     mount = root / "sys/fs/cgroup/memory"
     if path is None or not mount.is_dir():
         return []
     out = []
-    for d in _ancestors(mount, path):
-        limit = _read_int(d / "memory.limit_in_bytes")
-        usage = _read_int(d / "memory.usage_in_bytes")
+    for d in cgroup_ancestors(mount, path):
+        limit = read_int(d / "memory.limit_in_bytes")
+        usage = read_int(d / "memory.usage_in_bytes")
         if limit is None or usage is None or limit >= _NO_LIMIT:
             continue
         used = usage - _stat(d / "memory.stat", "total_inactive_file")
@@ -174,14 +174,14 @@ def _cgroup_v1(root: Path) -> list[Available]:
 
 
 def _cgroup_v2(root: Path) -> list[Available]:
-    path = _own_cgroups(root).get("")
+    path = own_cgroups(root).get("")
     mount = root / "sys/fs/cgroup"
     if path is None or not (mount / "cgroup.controllers").is_file():
         return []
     out = []
-    for d in _ancestors(mount, path):
-        limit = _read_int(d / "memory.max")
-        usage = _read_int(d / "memory.current")
+    for d in cgroup_ancestors(mount, path):
+        limit = read_int(d / "memory.max")
+        usage = read_int(d / "memory.current")
         if limit is None or usage is None:
             continue
         used = usage - _stat(d / "memory.stat", "inactive_file")

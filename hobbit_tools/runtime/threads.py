@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from .budget import _ancestors, _own_cgroups, _read_int
+from .budget import cgroup_ancestors, own_cgroups, read_int
 
 BUSY = 0.5  # a CPU another process used for more than this share of the look is taken
 LOOK_S = 0.05
@@ -77,9 +77,9 @@ def cpu_times(root: Path) -> dict[int, tuple[int, int]]:
 def _cpu_quota(root: Path) -> float | None:
     """CPUs' worth of time the cgroups above this process allow (None: no quota)."""
     quotas = []
-    for controller, path in _own_cgroups(root).items():
+    for controller, path in own_cgroups(root).items():
         if controller == "":  # v2: cpu.max is "QUOTA PERIOD" or "max PERIOD"
-            for d in _ancestors(root / "sys/fs/cgroup", path):
+            for d in cgroup_ancestors(root / "sys/fs/cgroup", path):
                 try:
                     q, p = (d / "cpu.max").read_text().split()
                     if q != "max":
@@ -88,9 +88,9 @@ def _cpu_quota(root: Path) -> float | None:
                     pass
         elif "cpu" in controller.split(","):
             for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                for d in _ancestors(root / "sys/fs/cgroup" / mount, path):
-                    q = _read_int(d / "cpu.cfs_quota_us")
-                    p = _read_int(d / "cpu.cfs_period_us")
+                for d in cgroup_ancestors(root / "sys/fs/cgroup" / mount, path):
+                    q = read_int(d / "cpu.cfs_quota_us")
+                    p = read_int(d / "cpu.cfs_period_us")
                     if q and p and q > 0:
                         quotas.append(q / p)
     return min(quotas) if quotas else None
