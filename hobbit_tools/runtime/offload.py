@@ -83,6 +83,7 @@ class OffloadedExperts:
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target layer, depth) -> ids
         self._last_predictions: dict[int, list[int]] = {}
         self.trace: list[dict] | None = None
+        self._low_cached = "low" in self.cache.arenas  # whether a lookup has two copies to try
         # the store has already read one expert, to learn its slot layout
         self._bytes_at_start = store.bytes_read
 
@@ -100,7 +101,7 @@ class OffloadedExperts:
         weights = self._skip_weights(weights, level)
         out = Combiner(x, weights)
         self.cache.poll()  # prefetches that have arrived meanwhile
-        if T == 1:
+        if T == 1 and (self._predicted or self.cache.awaiting):
             self._settle_prefetches(layer, set(ids_l[0]))
         ready, waiting, missing, record = [], {}, [], []
         for e, rows, slots in group_rows(ids_l):
@@ -209,9 +210,12 @@ class OffloadedExperts:
         return skip_weights(weights, torch.tensor(level) == SKIP, self.o.skip)
 
     def _lookup(self, layer: int, e: int, want: int, has_top1: bool) -> Entry | None:
-        high, low = self.cache.get((layer, e, "high")), self.cache.get((layer, e, "low"))
-        choice = serve_from(high is not None, low is not None, want, has_top1)
-        return None if choice is None else (high if choice == "high" else low)
+        entries = self.cache.entries
+        high = entries.get((layer, e, "high"))
+        if high is not None or not self._low_cached:  # the high copy always serves
+            return high
+        low = entries.get((layer, e, "low"))
+        return low if serve_from(False, low is not None, want, has_top1) else None
 
     # -- loading ---------------------------------------------------------------------------------
     def _start(self, missing: list, waiting: dict, layer: int) -> None:
