@@ -125,9 +125,6 @@ class ExpertCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arenas.values())
 
-    def get(self, key: Key) -> Entry | None:
-        return self.entries.get(key)
-
     # -- transitions (the model's thread only) ---------------------------------------------
     def load(self, key: Key, priority: int, layer_now: int) -> Entry | None:
         """Queue a read of `key` into a free or freed slot (FREE -> LOADING); None if every
