@@ -173,7 +173,7 @@ class Observer:
         err = [float("nan")] * backend.store.files.config.num_experts
         for e, rows, slots in dispatch(ids):
             hi_out = backend.expert(layer, e, "high")(x[rows])
-            out.parts[rows, slots] = hi_out * out.w[rows, slots, None]
+            out.put(rows, slots, hi_out)
             size[rows, slots] = hi_out.float().norm(dim=-1)
             fit = (rows < n).nonzero().flatten()
             if not has_low or len(fit) == 0:

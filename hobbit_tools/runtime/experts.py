@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,16 +78,18 @@ def groupable(experts) -> bool:
     return len({e.mats[0][2] for e in experts}) == 1
 
 
-def run_group(experts: list[GGUFExpert], x: torch.Tensor, key: tuple | None = None):
+def run_group(experts: list[GGUFExpert], x: torch.Tensor, key: tuple | None = None, copy=True):
     """One token x [1, D] through several GGUF experts in one ggml call -> [n, D] float32,
     each row exactly what that expert alone gives. key: `ExpertGroup.key` of their mats,
-    where the caller has it."""
+    where the caller has it. copy=False: a numpy view of the graph's buffer, valid until
+    the next group of the same layout runs."""
     mats = [e.mats for e in experts]
     key = ggml.ExpertGroup.key(mats) if key is None else key
     graph = _GROUPS.get(key)
     if graph is None:
         graph = _GROUPS[key] = ggml.ExpertGroup(mats)
-    return torch.from_numpy(graph(mats, x).copy())
+    y = graph(mats, x)
+    return torch.from_numpy(y.copy()) if copy else y
 
 
 class ExpertBackend(Protocol):
@@ -130,21 +133,32 @@ def group_rows(ids: list[list[int]]) -> list[tuple[int, list[int], list[int]]]:
 class Combiner:
     """Collects weighted expert outputs [T, K, D] and sums them over K in slot order, so the
     result is bit-identical whatever order experts are computed in (cached ones first,
-    missing ones as they arrive): every backend gives the same logits."""
+    missing ones as they arrive): every backend gives the same logits. One float32 token
+    (decode) works on numpy arrays: a dozen torch ops a layer cost more than top-2 small
+    experts' bookkeeping should."""
 
     def __init__(self, x: torch.Tensor, weights: torch.Tensor):
+        self.one = x.shape[0] == 1 and x.dtype == torch.float32
+        if self.one:
+            self.w = weights[0].float().numpy()  # [K]
+            self.parts = np.zeros((weights.shape[1], x.shape[1]), np.float32)  # [K, D]
+            return
         self.w = weights.to(x.dtype)
         self.parts = x.new_zeros(x.shape[0], weights.shape[1], x.shape[1])
 
     def add(self, expert: Expert, x: torch.Tensor, rows, slots) -> None:
         """rows, slots: index tensors or lists of the (token, top-k slot) pairs routed here."""
+        self.put(rows, slots, expert(x if self.one else x[rows]))
+
+    def put(self, rows, slots, y: torch.Tensor) -> None:
+        """An expert's outputs y [len(rows), D] for those (token, slot) pairs."""
+        if self.one:
+            k = int(slots[0])
+            self.parts[k] = y[0].float().numpy() * self.w[k]
+            return
         if isinstance(rows, list):
-            if len(rows) == 1:  # one token (decode): plain slicing, no index tensors
-                r, k = rows[0], slots[0]
-                self.parts[r, k] = expert(x[r : r + 1])[0] * self.w[r, k]
-                return
             rows, slots = torch.tensor(rows), torch.tensor(slots)
-        self.parts[rows, slots] = expert(x[rows]) * self.w[rows, slots, None]
+        self.parts[rows, slots] = y * self.w[rows, slots, None]
 
     def add_group(self, experts: list, x: torch.Tensor, slots: list[int]) -> None:
         """One token (decode): experts [n] on x [1, D] in one ggml call (`run_group`); slots:
@@ -153,15 +167,16 @@ class Combiner:
         keys = [e.layout for e in experts]
         order = sorted(range(len(experts)), key=keys.__getitem__)
         key = sum((keys[i] for i in order), ())
-        y = run_group([experts[i] for i in order], x, key).to(self.parts.dtype)
+        y = run_group([experts[i] for i in order], x, key, copy=False)
         ks = [slots[i] for i in order]  # distinct: one token's top-k slots
-        if len(ks) > 3:  # each row times its scalar, as `add`: one indexed op for many
-            self.parts[0, ks] = y * self.w[0, ks, None]
+        if self.one:
+            self.parts[ks] = y * self.w[ks, None]
             return
-        for row, k in enumerate(ks):  # few: plain slicing is cheaper (top-2 ~6% of a token)
-            self.parts[0, k] = y[row] * self.w[0, k]
+        self.parts[0, ks] = torch.from_numpy(y).to(self.parts.dtype) * self.w[0, ks, None]
 
     def result(self) -> torch.Tensor:
+        if self.one:  # rows added in slot order, as torch's sum over K
+            return torch.from_numpy(np.add.reduce(self.parts, axis=0))[None]
         return self.parts.sum(dim=1)
 
 
@@ -189,6 +204,17 @@ class ResidentExperts:
     def forward(self, layer, x, ids, weights):
         self._uses += ids.numel()
         return combine(x, ids, weights, self.experts[layer].__getitem__)
+
+    def group_mats(self, layer: int, ids: list[int]):
+        """One token's experts ids [K] as (their matrices in top-k slot order, the layout
+        key `ExpertGroup.key` of those), for a caller that computes them in a graph of its
+        own (the model's decode layer graphs); None where they are not all on GGUF bytes
+        of one shape."""
+        experts = [self.experts[layer][e] for e in ids]
+        if not groupable(experts):
+            return None
+        self._uses += len(experts)
+        return [e.mats for e in experts], sum((e.layout for e in experts), ())
 
     def new_sequence(self) -> None:
         pass

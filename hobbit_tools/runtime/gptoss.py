@@ -60,11 +60,10 @@ def attention(
     q = apply_rope(linear(x, lw.wq, lw.bq).view(T, H, Dh).transpose(0, 1), cos, sin)
     k = apply_rope(linear(x, lw.wk, lw.bk).view(T, Hkv, Dh).transpose(0, 1), cos, sin)
     end = start + T
-    cache.k[layer, :, start:end] = k
-    cache.v[layer, :, start:end] = linear(x, lw.wv, lw.bv).view(T, Hkv, Dh).transpose(0, 1)
+    cache.write(layer, start, k, linear(x, lw.wv, lw.bv).view(T, Hkv, Dh).transpose(0, 1))
     window = cfg.oss.sliding_window if cfg.oss.sliding[layer] else 0
     lo = max(0, start + 1 - window) if window else 0  # the first key any query here sees
-    keys, values = cache.k[layer, :, lo:end], cache.v[layer, :, lo:end]
+    keys, values = cache.read(layer, lo, end)
     if T == 1:  # every key in [lo, end) is visible: no mask
         out = _decode(q, keys, values, lw.oss.sinks, Dh**-0.5)
     else:

@@ -20,6 +20,7 @@ from ..errors import HobbitError
 from ..families import ModelConfig
 from . import gptoss
 from .experts import ExpertBackend
+from .layer_graph import Carry, LayerGraphs
 from .mla import LatentCache, MlaWeights, mla_attention
 from .rope import Rope, apply_rope
 from .routing import grouped_topk, softmax_topk, sparsemixer
@@ -58,7 +59,9 @@ class ModelWeights:
 
 
 class KVCache:
-    """Keys and values [L, Hkv, S, Dh]; `length` tokens are filled. Memory follows the
+    """Keys [L, Hkv, S, Dh] and values stored transposed, [L, Hkv, Dh, S] (a decode layer
+    graph's attention reads a value row per head dim); `length` tokens are filled. Memory
+    follows the
     context in use: S starts at `FIRST` and doubles as the sequence needs it, up to
     `max_len` (a 4096-token cache of a small model is hundreds of MB that a short run never
     touches)."""
@@ -81,11 +84,21 @@ class KVCache:
         size = min(self.max_len, max(n, 2 * have))
         layers, heads, dim = self._shape
         k = torch.zeros(layers, heads, size, dim, dtype=self._dtype)
-        v = torch.zeros_like(k)
+        v = torch.zeros(layers, heads, dim, size, dtype=self._dtype)
         if self.length:
             k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
+            v[..., : self.length] = self.v[..., : self.length]
         self.k, self.v = k, v
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, T, Dh] at positions start.."""
+        end = start + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, :, start:end] = v.transpose(1, 2)
+
+    def read(self, layer: int, lo: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [Hkv, end - lo, Dh] of positions lo..end."""
+        return self.k[layer, :, lo:end], self.v[layer, :, :, lo:end].transpose(1, 2)
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +128,10 @@ class Transformer:
         self.rope = Rope(cfg.rope, cfg.rope_dim, max_context, dtype)
         self.scale = cfg.head_dim**-0.5
         self._layer_norm = cfg.spec.norm == "layer"
+        # one token's dense work a layer as one ggml graph (layer_graph.py), where it fits
+        self.layer_graphs, self.layer_graphs_why_not = LayerGraphs.build(
+            cfg, weights, dtype, self.scale
+        )
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -127,8 +144,16 @@ class Transformer:
                 f"sequence of {start + T} tokens exceeds the context of {self.cache.max_len}; "
                 "shorten the prompt or load with a larger max_context"
             )
-        cos, sin = self.rope(start, T)
         h = self.embed(tokens)  # [T, D]
+        if T == 1 and self.layer_graphs is not None:
+            self.cache.reserve(start + 1)
+            state = h
+            for i in range(len(self.w.layers)):
+                state = self.decode_step(i, state, start)
+            self.cache.length = start + 1
+            logits = self.layer_graphs.logits(state).clone()
+            return logits if all_logits else logits[0]
+        cos, sin = self.rope(start, T)
         for i in range(len(self.w.layers)):
             h = self.ffn_step(i, self.attention_step(i, h, start, cos, sin))
         self.cache.length = start + T
@@ -151,6 +176,28 @@ class Transformer:
         after it. Tokens are independent here, so any rows may be stacked."""
         lw = self.w.layers[i]
         return h + self._ffn(i, lw, self._norm(h, lw.ffn_norm))
+
+    def decode_step(self, i: int, state, pos: int):
+        """Layer i on one token at position pos, its dense work in one ggml call
+        (`layer_graphs`): the same as attention_step then ffn_step. state: the residual
+        h [1, D], or the previous layer's experts still to run (a `Carry`, run first in
+        this layer's graph). Returns the next state: where the backend hands out its
+        experts' weights (resident, `group_mats`), they are carried into the next graph."""
+        lw = self.w.layers[i]
+        h, x, gate = self.layer_graphs.step(i, state, pos, self.cache)
+        if gate is None:
+            return h + _swiglu(x, *lw.mlp)
+        if isinstance(gate, tuple):  # routed in the graph
+            ids, weights = gate
+        else:
+            ids, weights = self.select(gate, i)
+            ids, weights = ids[0].tolist(), weights[0].float().numpy()
+        group = getattr(self.experts, "group_mats", None)
+        mats = group(i, ids) if group is not None and lw.shared is None else None
+        if mats is not None:
+            return Carry(h, x, *mats, weights)
+        ids, weights = torch.tensor([ids]), torch.from_numpy(weights.copy())[None]
+        return h + self._routed(i, lw, x, ids, weights)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head on the residual h [T, D] -> float32 logits [T, V]."""
@@ -199,9 +246,8 @@ class Transformer:
         q = apply_rope(q.transpose(0, 1), cos, sin)  # [H, T, Dh]
         k = apply_rope(k.transpose(0, 1), cos, sin)  # [Hkv, T, Dh]
         end = start + T
-        self.cache.k[i, :, start:end] = k
-        self.cache.v[i, :, start:end] = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        keys, values = self.cache.k[i, :, :end], self.cache.v[i, :, :end]
+        self.cache.write(i, start, k, v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1))
+        keys, values = self.cache.read(i, 0, end)
         mask = None
         if T > 1:  # query t sees keys 0..start+t
             mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
@@ -213,7 +259,10 @@ class Transformer:
     def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         if lw.router is None:
             return _swiglu(x, *lw.mlp)
-        ids, weights = self.route(i, x)
+        return self._routed(i, lw, x, *self.route(i, x))
+
+    def _routed(self, i: int, lw: LayerWeights, x, ids, weights) -> torch.Tensor:
+        """The MoE FFN on its input x [T, D] routed to ids, weights [T, K]."""
         out = self.experts.forward(i, x, ids, weights)
         if lw.shared is not None:
             shared = _swiglu(x, *lw.shared)
