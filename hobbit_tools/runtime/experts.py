@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -92,11 +92,36 @@ def run_group(experts: list[GGUFExpert], x: torch.Tensor, key: tuple | None = No
     return torch.from_numpy(y.copy()) if copy else y
 
 
+class Group(NamedTuple):
+    """One token's experts handed back for the caller to compute (the model's next decode
+    layer graph runs them, `layer_graph.Carry`): their matrices in top-k slot order and
+    the layout key (`ExpertGroup.key`) of those. Their memory stays theirs until the
+    backend's next call (or `release`)."""
+
+    mats: list
+    key: tuple
+
+    @staticmethod
+    def of(experts: list) -> Group | None:
+        """None where they are not all on GGUF bytes of one layout (a graph is built per
+        layout: one precision keeps them few)."""
+        if not groupable(experts) or len({e.layout for e in experts}) != 1:
+            return None
+        return Group([e.mats for e in experts], experts[0].layout * len(experts))
+
+
 class ExpertBackend(Protocol):
     def forward(
-        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, D], ids [T, K], weights [T, K] float32 -> sum_k weights * expert_k(x) [T, D]."""
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        defer: bool = False,
+    ) -> torch.Tensor | Group:
+        """x [T, D], ids [T, K], weights [T, K] float32 -> sum_k weights * expert_k(x) [T, D].
+        defer (one token): may return the experts as a `Group` for the caller to compute
+        with `weights` instead, where every one is in memory and none is skipped."""
         ...
 
     def new_sequence(self) -> None: ...
@@ -201,20 +226,13 @@ class ResidentExperts:
         self.experts = experts
         self._uses = 0
 
-    def forward(self, layer, x, ids, weights):
+    def forward(self, layer, x, ids, weights, defer: bool = False):
         self._uses += ids.numel()
+        if defer:
+            group = Group.of([self.experts[layer][e] for e in ids[0].tolist()])
+            if group is not None:
+                return group
         return combine(x, ids, weights, self.experts[layer].__getitem__)
-
-    def group_mats(self, layer: int, ids: list[int]):
-        """One token's experts ids [K] as (their matrices in top-k slot order, the layout
-        key `ExpertGroup.key` of those), for a caller that computes them in a graph of its
-        own (the model's decode layer graphs); None where they are not all on GGUF bytes
-        of one shape."""
-        experts = [self.experts[layer][e] for e in ids]
-        if not groupable(experts):
-            return None
-        self._uses += len(experts)
-        return [e.mats for e in experts], sum((e.layout for e in experts), ())
 
     def new_sequence(self) -> None:
         pass

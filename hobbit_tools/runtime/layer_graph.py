@@ -360,8 +360,8 @@ class LayerGraphs:
 
     def __init__(self, cfg, weights, scale: float):
         self.cfg, self.w, self.scale = cfg, weights, scale
-        self.graphs: dict[int, LayerGraph] = {}
-        self.head: HeadGraph | None = None
+        self.graphs: dict[tuple, LayerGraph] = {}  # by (layer, carried layout)
+        self.heads: dict[tuple | None, HeadGraph] = {}
 
     @classmethod
     def build(cls, cfg, weights, dtype: torch.dtype, scale: float):
@@ -370,19 +370,24 @@ class LayerGraphs:
         return (None, why) if why else (cls(cfg, weights, scale), None)
 
     def step(self, i: int, state, pos: int, cache):
-        """Layer i from the residual h [1, D] or the previous layer's `Carry`."""
-        g = self.graphs.get(i)
-        carry_key = state.key if isinstance(state, Carry) else None
-        key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], ggml.threads(), carry_key)
-        if g is None or g.key != key:
-            carry = state if isinstance(state, Carry) else None
-            g = self.graphs[i] = LayerGraph(self.cfg, self.w.layers[i], cache, i, self.scale, carry)
+        """Layer i from the residual h [1, D] or the previous layer's `Carry` (a graph for
+        each: an offloading cache hands some layers' experts back and computes others)."""
+        carry = state if isinstance(state, Carry) else None
+        key = (i, carry and carry.key)
+        g = self.graphs.get(key)
+        if g is None or g.key != (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2],
+                                  ggml.threads(), key[1]):  # fmt: skip
+            g = self.graphs[key] = LayerGraph(
+                self.cfg, self.w.layers[i], cache, i, self.scale, carry
+            )
         return g(state, pos)
 
     def logits(self, state) -> torch.Tensor:
         """The last layer's residual [1, D] or carried experts through the output head ->
         logits [1, V] (this graph's buffer: copy to keep)."""
         carry = state if isinstance(state, Carry) else None
-        if self.head is None or self.head.key != (ggml.threads(), carry and carry.key):
-            self.head = HeadGraph(self.cfg, self.w, carry)
-        return self.head(state)
+        key = carry and carry.key
+        g = self.heads.get(key)
+        if g is None or g.key != (ggml.threads(), key):
+            g = self.heads[key] = HeadGraph(self.cfg, self.w, carry)
+        return g(state)

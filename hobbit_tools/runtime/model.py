@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import HobbitError
 from ..families import ModelConfig
 from . import gptoss
-from .experts import ExpertBackend
+from .experts import ExpertBackend, Group
 from .layer_graph import Carry, LayerGraphs
 from .mla import LatentCache, MlaWeights, mla_attention
 from .rope import Rope, apply_rope
@@ -152,6 +152,9 @@ class Transformer:
                 state = self.decode_step(i, state, start)
             self.cache.length = start + 1
             logits = self.layer_graphs.logits(state).clone()
+            release = getattr(self.experts, "release", None)
+            if release is not None:  # the last layer's deferred experts have run
+                release()
             return logits if all_logits else logits[0]
         cos, sin = self.rope(start, T)
         for i in range(len(self.w.layers)):
@@ -181,22 +184,21 @@ class Transformer:
         """Layer i on one token at position pos, its dense work in one ggml call
         (`layer_graphs`): the same as attention_step then ffn_step. state: the residual
         h [1, D], or the previous layer's experts still to run (a `Carry`, run first in
-        this layer's graph). Returns the next state: where the backend hands out its
-        experts' weights (resident, `group_mats`), they are carried into the next graph."""
+        this layer's graph). Returns the next state: where the backend hands its experts
+        back (`forward(defer=True)`: all in memory), they are carried into the next graph."""
         lw = self.w.layers[i]
         h, x, gate = self.layer_graphs.step(i, state, pos, self.cache)
         if gate is None:
             return h + _swiglu(x, *lw.mlp)
         if isinstance(gate, tuple):  # routed in the graph
-            ids, weights = gate
+            ids, weights = torch.tensor([gate[0]]), torch.from_numpy(gate[1].copy())[None]
         else:
             ids, weights = self.select(gate, i)
-            ids, weights = ids[0].tolist(), weights[0].float().numpy()
-        group = getattr(self.experts, "group_mats", None)
-        mats = group(i, ids) if group is not None and lw.shared is None else None
-        if mats is not None:
-            return Carry(h, x, *mats, weights)
-        ids, weights = torch.tensor([ids]), torch.from_numpy(weights.copy())[None]
+        if lw.shared is None:
+            out = self.experts.forward(i, x, ids, weights, defer=True)
+            if isinstance(out, Group):
+                return Carry(h, x, out.mats, out.key, weights[0].float().numpy())
+            return h + out
         return h + self._routed(i, lw, x, ids, weights)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

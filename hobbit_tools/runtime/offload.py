@@ -24,7 +24,7 @@ from ..errors import HobbitError
 from . import aio
 from .aio import AsyncReads
 from .cache import Entry, ExpertCache
-from .experts import Combiner, group_rows, groupable
+from .experts import Combiner, Group, group_rows, groupable
 from .io import DEMAND, PREFETCH, IOPool
 from .policies import Policy
 from .precision import HIGH, LEVEL_NAMES, LOW, SKIP, PrecisionRule, serve_from, skip_weights
@@ -84,11 +84,14 @@ class OffloadedExperts:
         self._last_predictions: dict[int, list[int]] = {}
         self.trace: list[dict] | None = None
         self._low_cached = "low" in self.cache.arenas  # whether a lookup has two copies to try
+        self._deferred: list[Entry] = []  # pinned until the caller has computed them
         # the store has already read one expert, to learn its slot layout
         self._bytes_at_start = store.bytes_read
 
     # -- ExpertBackend -------------------------------------------------------------------------
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                defer: bool = False):  # fmt: skip
+        self.release()
         self.tick += 1
         if layer <= self._last_layer:
             self.token += 1
@@ -139,6 +142,13 @@ class OffloadedExperts:
             if T == 1 and self.o.prefetch_depth and self.router is not None:
                 self._prefetch(layer, x)
             self.cache.flush()  # the layer's misses and prefetches: one doorbell
+            if defer and not waiting and not missing and len(ready) == self.top_k:
+                group = Group.of([entry.expert for entry, _, _ in sorted(ready, key=_slot)])
+                if group is not None:  # every expert in memory: the caller computes them
+                    self._deferred = [entry for entry, _, _ in ready]
+                    if self.trace is not None:
+                        self._record(layer, ids_l, weights, level, record)
+                    return group
             self._compute_ready(out, x, ready)
             while waiting or missing:
                 if not waiting:
@@ -158,7 +168,14 @@ class OffloadedExperts:
             self._record(layer, ids_l, weights, level, record)
         return out.result()
 
+    def release(self) -> None:
+        """The experts last handed back (`forward(defer=True)`) have been computed."""
+        for entry in self._deferred:
+            self.cache.unpin(entry)
+        self._deferred = []
+
     def new_sequence(self) -> None:
+        self.release()
         self.policy.new_sequence()
         for entry in list(self.cache.entries.values()):
             if entry.protected_for is not None:
@@ -190,6 +207,7 @@ class OffloadedExperts:
         }
 
     def close(self) -> None:
+        self.release()
         self.cache.settle()  # no read may outlive the files it reads
         self.pool.close()
         if self.reads is not None:
@@ -370,3 +388,7 @@ class RouterView:
         w = self.stacked[i + 1 : i + 1 + len(targets)]  # [p, E, D]
         logits = (x @ w.flatten(0, 1).T).view(x.shape[0], len(targets), -1)  # [T, p, E]
         return [(t, *self.select(logits[:, d], t)) for d, t in enumerate(targets)]
+
+
+def _slot(item) -> int:
+    return item[2][0]  # (entry, rows, slots): one token's top-k slot
