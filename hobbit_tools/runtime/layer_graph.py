@@ -2,13 +2,15 @@
 
 For one token, everything of a layer but its routed experts: the attention norm, the q/k/v
 projections (biases, q/k norms, clipping), RoPE, the KV cache write, attention over the
-cache, the output projection and the residual, then the FFN norm and the router's logits.
+cache, the output projection and the residual, then the FFN norm and the router.
 Computed as torch ops and separate matmul calls this is ~15 calls a layer, each dense matmul
 starting cold after Python ran between them; llama.cpp runs one graph a token. Here a layer
 is one graph, built once per (layer, cache buffer) and re-pointed for each position: the KV
 views' lengths, the cache slot written and the rope position are patched in the tensor
-headers, nothing is rebuilt. Routing and the experts stay outside (the offloading backends
-decide what to fetch between the router and the experts).
+headers, nothing is rebuilt. A softmax router's top-k is computed in the graph too; the
+experts stay outside (an offloading cache decides what to fetch between the router and
+them), except where all of a layer's are in memory: then they are handed back (a `Carry`)
+and run first in the next layer's graph, or the output head's.
 
 Where a family or a weight does not fit (MLA, gpt-oss, LayerNorm, scaled RoPE, a compute
 dtype other than float32), `LayerGraphs.build` says why and the model runs its torch path.
@@ -25,50 +27,10 @@ import numpy as np
 import torch
 
 from . import ggml
-from .ggml import _T, _InitParams, _weight_leaf
+from .ggml import _InitParams, _weight_leaf
 
 _NEOX = 2  # GGML_ROPE_TYPE_NEOX: transformers' half-split rotation
 _NODES = 256
-
-
-def _fns(lb) -> dict:
-    vp, f32, i64, sz, i32 = C.c_void_p, C.c_float, C.c_int64, C.c_size_t, C.c_int
-    sigs = {
-        "rms_norm": (_T, vp, _T, f32),
-        "mul": (_T, vp, _T, _T),
-        "add": (_T, vp, _T, _T),
-        "clamp": (_T, vp, _T, f32, f32),
-        "reshape_3d": (_T, vp, _T, i64, i64, i64),
-        "reshape_2d": (_T, vp, _T, i64, i64),
-        "view_2d": (_T, vp, _T, i64, i64, sz, sz),
-        "view_3d": (_T, vp, _T, i64, i64, i64, sz, sz, sz),
-        "cpy": (_T, vp, _T, _T),
-        "view_1d": (_T, vp, _T, i64, sz),
-        "swiglu_split": (_T, vp, _T, _T),
-        "top_k": (_T, vp, _T, i32),
-        "get_rows": (_T, vp, _T, _T),
-        "sum_rows": (_T, vp, _T),
-        "div": (_T, vp, _T, _T),
-        "soft_max_ext": (_T, vp, _T, _T, f32, f32),
-        "new_tensor_1d": (_T, vp, i32, i64),
-        "rope_ext": (_T, vp, _T, _T, _T, i32, i32, i32, f32, f32, f32, f32, f32, f32),
-    }
-    out = {}
-    for name, (res, *args) in sigs.items():
-        f = getattr(lb.base, f"ggml_{name}")
-        f.restype, f.argtypes = res, args
-        out[name] = f
-    return out
-
-
-_lib_fns: dict | None = None
-
-
-def _ops() -> dict:
-    global _lib_fns
-    if _lib_fns is None:
-        _lib_fns = _fns(ggml.lib())
-    return _lib_fns
 
 
 def unsupported(cfg, weights, dtype: torch.dtype) -> str | None:
@@ -102,9 +64,10 @@ def unsupported(cfg, weights, dtype: torch.dtype) -> str | None:
 
 
 class Carry:
-    """A layer's routed experts left to run inside the next graph (resident experts on GGUF
-    bytes, no shared expert): its residual after attention h2, FFN input x [1, D], the
-    experts' matrices in top-k slot order and their combine weights [K]."""
+    """A layer's routed experts left to run inside the next graph (all in memory on GGUF
+    bytes of one layout, no shared expert: `experts.Group`): its residual after attention
+    h2, FFN input x [1, D], the experts' matrices in top-k slot order, their layout key and
+    their combine weights [K]."""
 
     __slots__ = ("h2", "x", "mats", "key", "weights")
 
@@ -119,7 +82,6 @@ class _Graph:
 
     def __init__(self, n_floats: int):
         lb = self.lb = ggml.lib()
-        self.op = _ops()
         over = lb.tensor_overhead()
         self._keep = []  # tensors whose memory the graph points at
         self._meta = np.empty(over * 160 + 1024, np.uint8)
@@ -133,7 +95,7 @@ class _Graph:
         """A leaf on a buffer of ours: (tensor, numpy buffer)."""
         buf = np.zeros(n, dtype)
         kind = "F32" if dtype == np.float32 else "I32"
-        t = self.op["new_tensor_1d"](self.leaves, ggml.type_id(kind), n)
+        t = self.lb.new_1d(self.leaves, ggml.type_id(kind), n)
         ggml._set_data(t, buf.ctypes.data)
         return t, buf
 
@@ -154,17 +116,17 @@ class _Graph:
 
     def linear(self, w, b, x):
         y = self.lb.mul_mat(self.ctx, self.mat(w), x)
-        return y if b is None else self.op["add"](self.ctx, y, self.vec(b, b.numel()))
+        return y if b is None else self.lb.add(self.ctx, y, self.vec(b, b.numel()))
 
     def rms(self, x, w, n: int, eps: float):
-        return self.op["mul"](self.ctx, self.op["rms_norm"](self.ctx, x, eps), self.vec(w, n))
+        return self.lb.mul(self.ctx, self.lb.rms_norm(self.ctx, x, eps), self.vec(w, n))
 
     def experts(self, carry: Carry, d: int):
         """The carried experts' weighted sum plus the residual, as `Combiner` and the model
         compute it (each expert as `ExpertGroup`, times its weight, summed in slot order,
         then added to h2), bit for bit: -> h [D]. The weights' addresses are re-set per
         call (`bind`)."""
-        lb, op, ctx = self.lb, self.op, self.ctx
+        lb, ctx = self.lb, self.ctx
         h2, self.h2_in = self.input(d)
         x, self.x_in = self.input(d)
         w, self.w_in = self.input(len(carry.mats))
@@ -172,11 +134,18 @@ class _Graph:
         for k, mats in enumerate(carry.mats):
             g, u, dn = (_weight_leaf(lb, self.leaves, ggml.Weight(*m)) for m in mats)
             leaves += [g, u, dn]
-            h = op["swiglu_split"](ctx, lb.mul_mat(ctx, g, x), lb.mul_mat(ctx, u, x))
-            y = op["mul"](ctx, lb.mul_mat(ctx, dn, h), op["view_1d"](ctx, w, 1, 4 * k))
-            total = y if total is None else op["add"](ctx, total, y)
+            h = lb.swiglu(ctx, lb.mul_mat(ctx, g, x), lb.mul_mat(ctx, u, x))
+            y = lb.mul(ctx, lb.mul_mat(ctx, dn, h), lb.view_1d(ctx, w, 1, 4 * k))
+            total = y if total is None else lb.add(ctx, total, y)
         self._w_addr = [C.addressof(t.contents) + ggml._DATA for t in leaves]
-        return op["add"](ctx, h2, total)
+        return lb.add(ctx, h2, total)
+
+    def feed(self, state) -> None:
+        """This call's input: the residual h [1, D] (into `h_in`) or a Carry (`bind`)."""
+        if isinstance(state, Carry):
+            self.bind(state)
+        else:
+            self.h_in[:] = state.reshape(-1).numpy()
 
     def bind(self, carry: Carry) -> None:
         self.h2_in[:] = carry.h2.reshape(-1).numpy()
@@ -225,7 +194,7 @@ class LayerGraph(_Graph):
         super().__init__(
             12 * D + 6 * H * Dh + 4 * Hkv * Dh + 3 * S * H + 2 * E + k * (3 * f + 3 * D)
         )
-        lb, op, ctx, eps = self.lb, self.op, self.ctx, cfg.norm_eps
+        lb, ctx, eps = self.lb, self.ctx, cfg.norm_eps
         self.key = (cache.k.data_ptr(), cache.v.data_ptr(), S, self.threads, carry and carry.key)
         if carry is None:
             x, self.h_in = self.input(D)
@@ -240,14 +209,14 @@ class LayerGraph(_Graph):
             q, k = self.rms(q, lw.q_norm, H * Dh, eps), self.rms(k, lw.k_norm, Hkv * Dh, eps)
         if cfg.clip_qkv is not None:
             c = float(cfg.clip_qkv)
-            q, k, v = (op["clamp"](ctx, t, -c, c) for t in (q, k, v))
-        q, k = op["reshape_3d"](ctx, q, Dh, H, 1), op["reshape_3d"](ctx, k, Dh, Hkv, 1)
+            q, k, v = (lb.clamp(ctx, t, -c, c) for t in (q, k, v))
+        q, k = lb.reshape_3d(ctx, q, Dh, H, 1), lb.reshape_3d(ctx, k, Dh, Hkv, 1)
         if cfg.spec.qk_norm == "head":
             q, k = self.rms(q, lw.q_norm, Dh, eps), self.rms(k, lw.k_norm, Dh, eps)
 
         def rope(t):
             theta = float(cfg.rope.theta)
-            return op["rope_ext"](ctx, t, pos, None, Dh, _NEOX, 0, theta, 1.0, 0.0, 1.0, 32.0, 1.0)
+            return lb.rope_ext(ctx, t, pos, None, Dh, _NEOX, 0, theta, 1.0, 0.0, 1.0, 32.0, 1.0)
 
         q, k = rope(q), rope(k)
         # the cache, layer i: keys [Hkv, S, Dh], values transposed [Hkv, Dh, S] (float32)
@@ -260,50 +229,45 @@ class LayerGraph(_Graph):
         ggml._set_data(k_all, self.k_base)
         ggml._set_data(v_all, self.v_base)
         # this token's key and value into slot `pos` (data pointers re-set per call)
-        k_dst = op["view_2d"](ctx, k_all, Dh, Hkv, S * Dh * f4, 0)
-        v_dst = op["view_2d"](ctx, v_all, 1, Hkv * Dh, S * f4, 0)
-        self.k_write = op["cpy"](ctx, op["reshape_2d"](ctx, k, Dh, Hkv), k_dst)
-        self.v_write = op["cpy"](ctx, op["reshape_2d"](ctx, v, 1, Hkv * Dh), v_dst)
+        k_dst = lb.view_2d(ctx, k_all, Dh, Hkv, S * Dh * f4, 0)
+        v_dst = lb.view_2d(ctx, v_all, 1, Hkv * Dh, S * f4, 0)
+        self.k_write = lb.cpy(ctx, lb.reshape_2d(ctx, k, Dh, Hkv), k_dst)
+        self.v_write = lb.cpy(ctx, lb.reshape_2d(ctx, v, 1, Hkv * Dh), v_dst)
         # attention over slots 0..pos (lengths re-set per call; built at capacity S)
-        self.keys = op["view_3d"](ctx, k_all, Dh, S, Hkv, Dh * f4, S * Dh * f4, 0)
-        self.values = op["view_3d"](ctx, v_all, S, Dh, Hkv, S * f4, Dh * S * f4, 0)
-        kq = lb.mul_mat(ctx, self.keys, op["reshape_3d"](ctx, q, Dh, 1, H))  # [S, 1, H]
-        probs = op["soft_max_ext"](ctx, kq, None, float(scale), 0.0)
+        self.keys = lb.view_3d(ctx, k_all, Dh, S, Hkv, Dh * f4, S * Dh * f4, 0)
+        self.values = lb.view_3d(ctx, v_all, S, Dh, Hkv, S * f4, Dh * S * f4, 0)
+        kq = lb.mul_mat(ctx, self.keys, lb.reshape_3d(ctx, q, Dh, 1, H))  # [S, 1, H]
+        probs = lb.soft_max_ext(ctx, kq, None, float(scale), 0.0)
         self.by_length = [kq, probs]
-        att = op["reshape_2d"](ctx, lb.mul_mat(ctx, self.values, probs), H * Dh, 1)
-        h2 = op["add"](ctx, x, self.linear(lw.wo, lw.bo, att))
+        att = lb.reshape_2d(ctx, lb.mul_mat(ctx, self.values, probs), H * Dh, 1)
+        h2 = lb.add(ctx, x, self.linear(lw.wo, lw.bo, att))
         ffn_in = self.rms(h2, lw.ffn_norm[0], D, eps)
-        outs = [h2, ffn_in]
-        self.route = None
+        outs, ids = [h2, ffn_in], None
         if lw.router is not None:
             logits = lb.mul_mat(ctx, self.mat(lw.router), ffn_in)  # [E, 1]
             if cfg.spec.router == "softmax" and cfg.grouped is None and cfg.oss is None:
                 # routing.softmax_topk in the graph: ids by descending weight
-                probs = op["soft_max_ext"](ctx, logits, None, 1.0, 0.0)
-                ids = op["top_k"](ctx, op["reshape_2d"](ctx, probs, E, 1), cfg.top_k)
-                w = op["get_rows"](ctx, op["reshape_2d"](ctx, probs, 1, E), ids)  # [1, K]
-                w = op["reshape_2d"](ctx, w, cfg.top_k, 1)
+                probs = lb.soft_max_ext(ctx, logits, None, 1.0, 0.0)
+                ids = lb.top_k(ctx, lb.reshape_2d(ctx, probs, E, 1), cfg.top_k)
+                w = lb.get_rows(ctx, lb.reshape_2d(ctx, probs, 1, E), ids)  # [1, K]
+                w = lb.reshape_2d(ctx, w, cfg.top_k, 1)
                 if cfg.norm_topk_prob:
-                    w = op["div"](ctx, w, op["sum_rows"](ctx, w))
+                    w = lb.div(ctx, w, lb.sum_rows(ctx, w))
                 outs.append(w)
-                self.route = (ids, cfg.top_k)
             else:
                 outs.append(logits)
         self.finish((self.k_write, self.v_write), outs)
         if len(self.outs) == 2:
             self.outs.append(None)
-        elif self.route is not None:  # (ids, weights): a list and a float32 array [K]
-            ids, k = self.route
-            buf = (C.c_int32 * k).from_address(ids.contents.data)
+        self.route = None  # routed in the graph: the ids [K] (int32), weights [K] (numpy)
+        if ids is not None:
+            buf = (C.c_int32 * cfg.top_k).from_address(ids.contents.data)
             self.route = np.ctypeslib.as_array(buf)
             self.outs[2] = self.outs[2][0].numpy()
 
     def __call__(self, state, pos: int):
         f4, end = 4, pos + 1
-        if isinstance(state, Carry):
-            self.bind(state)
-        else:
-            self.h_in[:] = state.reshape(-1).numpy()
+        self.feed(state)
         self.pos[0] = pos
         ggml._set_data(self.k_write, self.k_base + pos * self.dh * f4)
         ggml._set_data(self.v_write, self.v_base + pos * f4)
@@ -340,10 +304,7 @@ class HeadGraph(_Graph):
         self.finish((), [self.linear(weights.output, weights.output_bias, xn)])
 
     def __call__(self, state) -> torch.Tensor:
-        if isinstance(state, Carry):
-            self.bind(state)
-        else:
-            self.h_in[:] = state.reshape(-1).numpy()
+        self.feed(state)
         self.compute()
         return self.outs[0]
 

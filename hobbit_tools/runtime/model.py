@@ -61,10 +61,9 @@ class ModelWeights:
 class KVCache:
     """Keys [L, Hkv, S, Dh] and values stored transposed, [L, Hkv, Dh, S] (a decode layer
     graph's attention reads a value row per head dim); `length` tokens are filled. Memory
-    follows the
-    context in use: S starts at `FIRST` and doubles as the sequence needs it, up to
-    `max_len` (a 4096-token cache of a small model is hundreds of MB that a short run never
-    touches)."""
+    follows the context in use: S starts at `FIRST` and doubles as the sequence needs it,
+    up to `max_len` (a 4096-token cache of a small model is hundreds of MB that a short run
+    never touches)."""
 
     FIRST = 256
 
