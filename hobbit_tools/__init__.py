@@ -15,6 +15,12 @@ if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
 else:
     OMP_SET_BY_HOBBIT = False
 
+# MKL (torch's float32 GEMM) may round differently with the alignment of its operands, so
+# two copies of one model (resident and offloaded) gave different prefill logits about one
+# run in four (tests/test_prefill.py); its strict reproducible mode does not. MKL reads it
+# at its first call.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from .errors import HobbitError  # noqa: E402
 from .quantize.convert import prepare  # noqa: E402
 from .runtime import load  # noqa: E402

@@ -1,6 +1,9 @@
+# ruff: noqa: I001  (hobbit_tools before anything that loads torch)
 from pathlib import Path
 
 import pytest
+
+import hobbit_tools  # noqa: F401  - first, as the CLI: its environment for torch (OpenMP, MKL)
 from tiny_models import train_tokenizer
 
 

@@ -236,11 +236,13 @@ def _profile(
     kernels, kernel_timing = _kernel_choice(
         model, files, dtype, budget, chosen, store, _trace_ids(fit_w, 32 if quick else 64)
     )
+    route, route_timing = _prefill_route(files, store, quick)
     store.close()
     model = None
     gc.collect()
     trim()  # the calibration state
     fitted["kernel_timing"] = kernel_timing
+    fitted["prefill_route_timing"] = route_timing
     fitted["threshold_rounds"] = rounds
     fitted["validation"] = val
     fitted["cache"] = cache
@@ -265,6 +267,7 @@ def _profile(
         "cache_weights": list(best["weights"]) if best["weights"] else None,
         "low_share": best["low_share"] if dynamic else 0.25,
         "kernels": kernels,
+        "prefill_route": route,
     }
     made_for = {"device": fingerprint(files.dir), "shards": shard_digests(files.dir)}
     path = Path(out) if out else config_path(files.dir)
@@ -512,6 +515,21 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
     return dict.fromkeys(quantized, path), timing
 
 
+def _prefill_route(files, store, quick: bool) -> tuple[dict, dict]:
+    """From how many tokens an expert of this model's shape prefills faster through torch's
+    bf16 GEMM than through ggml (`runtime/prefill.py`), per expert type it can expand, timed
+    on this machine: ({qtype: tokens, 0 = never}, {qtype: the timings})."""
+    from ..runtime import prefill
+
+    cfg = files.config
+    types = sorted({q.qtype for q in store.p.values()} & set(prefill.TYPES))
+    if not types or not ggml.available() or cfg.hidden_size % 32 or cfg.expert_ffn % 32:
+        return {}, {}
+    tokens = (4, 16, 32, 64) if quick else (2, 4, 8, 16, 24, 32, 48, 64)
+    timing = {q: prefill.measure((cfg.expert_ffn, cfg.hidden_size), q, tokens) for q in types}
+    return {q: t["from"] for q, t in timing.items()}, timing
+
+
 def _prefetch_timing(model, files, dtype, budget, chosen: Strategy, depth: int, ids) -> dict:
     """Decode seconds of `ids` with prefetch at `depth` and without, interleaved twice
     (medians): prefetch pays only where compute is a large enough share of a token to hide
@@ -649,6 +667,15 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
         lines.append(
             f"- decode of {kt['tokens']} tokens under the chosen strategy: ggml {kt['ggml']:.2f} s, "
             f"torch {kt['torch']:.2f} s -> kernels {runtime.get('kernels')}"
+        )
+    for q, t in (fitted.get("prefill_route_timing") or {}).items():
+        lines.append(
+            f"- prefill of one {q} expert, ggml / torch bf16 ms at "
+            + ", ".join(
+                f"{n} tokens {g:.2f} / {b:.2f}"
+                for n, g, b in zip(t["tokens"], t["ggml_ms"], t["bf16_ms"], strict=True)
+            )
+            + (f" -> bf16 from {t['from']} tokens" if t["from"] else " -> ggml")
         )
     val = fitted["validation"]
     sp = val["speed"]

@@ -9,6 +9,7 @@ import torch
 
 from .. import validate
 from ..errors import HobbitError
+from . import ggml, prefill
 from .budget import return_large_blocks
 from .generate import Chunk, Generation, Runtime, SamplingParams
 from .io import READS_PER_THREAD
@@ -84,7 +85,6 @@ def load(
         it computes experts (then as many): decode's attention and norms are too small to
         share out, and a second torch thread cost the demo 2.7x of its decode speed.
     """
-    from . import ggml
     from .generate import rss_bytes
 
     if threads:
@@ -142,6 +142,7 @@ def load(
         kernels = dict.fromkeys(files.manifest["types"].values(), kernels)
     if kernels is None and tuned is not None:
         kernels = tuned.get("runtime", {}).get("kernels")
+    prefill.set_route((tuned or {}).get("runtime", {}).get("prefill_route"))
     backend = build_backend(
         files,
         policy,
@@ -156,6 +157,7 @@ def load(
     )
     model.experts = backend
     torch.set_num_threads(ggml.threads() if "torch" in _kernels(backend).values() else 1)
+    prefill.warm(_route_shapes(model))
     cache_bytes = backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0))
     dense_bytes = model.dense_bytes
     info = {
@@ -206,6 +208,18 @@ def load(
         "threads": {"ggml": ggml.threads(), "torch": torch.get_num_threads()},
     }
     return Runtime(model, tokenizer(files), info)
+
+
+def _route_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of the matrices a prefill may send through `prefill`'s route: the experts'
+    and the dense ones held as GGUF bytes."""
+    c = model.cfg
+    shapes = [(c.expert_ffn, c.hidden_size), (c.hidden_size, c.expert_ffn)]
+    for lw in model.w.layers:
+        for w in (lw.wq, lw.wk, lw.wv, lw.wo):
+            if isinstance(w, ggml.Linear):
+                shapes.append(w.shape)
+    return shapes
 
 
 def _staging_bytes(backend, io_threads: int) -> int:

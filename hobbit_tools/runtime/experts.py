@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ggml
+from . import ggml, prefill
 
 Linear = Callable[[torch.Tensor], torch.Tensor]  # x [T, in] -> [T, out]
 
@@ -46,7 +46,8 @@ class GGUFExpert:
     """An expert computed on its GGUF bytes where they lie (a cache slot), by ggml's kernels:
     down(silu(gate(x)) * up(x)) in one ggml call. One token runs a graph cached per slot
     (`graphs`, keyed by the slot's address, re-pointed at this expert's bytes); more tokens
-    build one for the call. Float32 inside, the caller's dtype out."""
+    build one for the call, or where `prefill.ROUTE` says, take torch's bf16 GEMM. Float32
+    inside, the caller's dtype out."""
 
     def __init__(self, mats: tuple[Matrix, Matrix, Matrix], nbytes: int, slot, graphs: dict):
         self.mats = mats
@@ -56,9 +57,13 @@ class GGUFExpert:
         self.graphs = graphs
         self.dtype = torch.float32
         self.layout = ggml.ExpertGroup.key([mats])  # what a group graph is built for
+        types = {m[1] for m in mats}
+        self.qtype = types.pop() if len(types) == 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
+            if prefill.takes(self.qtype, x.shape[0]):
+                return prefill.ffn(x, *self.mats).to(x.dtype)
             return ggml.ffn(x, *self.mats).to(x.dtype)
         graph = self.graphs.get(self.addr)
         if graph is None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import HobbitError
 from ..families import ModelConfig
-from . import gptoss
+from . import gptoss, prefill
 from .experts import ExpertBackend, Group
 from .layer_graph import Carry, LayerGraphs
 from .mla import LatentCache, MlaWeights, mla_attention
@@ -155,11 +155,12 @@ class Transformer:
             if release is not None:  # the last layer's deferred experts have run
                 release()
             return logits if all_logits else logits[0]
-        cos, sin = self.rope(start, T)
-        for i in range(len(self.w.layers)):
-            h = self.ffn_step(i, self.attention_step(i, h, start, cos, sin))
-        self.cache.length = start + T
-        logits = self.logits(h if all_logits else h[-1:])
+        with prefill.many_tokens():
+            cos, sin = self.rope(start, T)
+            for i in range(len(self.w.layers)):
+                h = self.ffn_step(i, self.attention_step(i, h, start, cos, sin))
+            self.cache.length = start + T
+            logits = self.logits(h if all_logits else h[-1:])
         return logits if all_logits else logits[0]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
