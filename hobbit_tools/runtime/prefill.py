@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ggml
+from .budget import trim
 
 TYPES = ("Q8_0",)  # GGUF types this route expands
 _CHUNK = 1 << 18  # weights per expanded chunk (512 KiB of bf16: its passes stay in L2)
@@ -70,6 +71,8 @@ def many_tokens():
     finally:
         if before != 1:
             torch.set_num_threads(before)
+        if _crew is not None:
+            trim()
 
 
 class _Crew:
@@ -177,15 +180,21 @@ def warm(shapes, tokens: int = 128) -> None:
     with torch.no_grad():
         for rows, k in sorted(chunks):
             w = torch.zeros(rows, k, dtype=torch.bfloat16)
-            for t in range(16, tokens + 1, 16):
+            for t in sorted({_bucket(n) for n in range(1, tokens + 1)}):
                 torch.mm(w, torch.zeros(k, t, dtype=torch.bfloat16))
+
+
+def _bucket(t: int) -> int:
+    """Token counts padded to 16, 32, 64, 128, then multiples of 128: few kernel shapes
+    (each one oneDNN compiles holds ~0.5 MiB for good)."""
+    return max(16, 1 << (t - 1).bit_length()) if t <= 128 else -(-t // 128) * 128
 
 
 def _padded_t(x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> bf16 [in, T'] with T' the next multiple of 16 (zero columns): a few
     kernel shapes serve every token count."""
     t = x.shape[0]
-    xt = torch.zeros(x.shape[1], -(-t // 16) * 16, dtype=torch.bfloat16)
+    xt = torch.zeros(x.shape[1], _bucket(t), dtype=torch.bfloat16)
     xt[:, :t] = x.t()
     return xt
 
