@@ -308,10 +308,9 @@ def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled, monkeypat
     """walk() (one layer at a time, one expert per precision in memory) computes what the
     whole model with every expert resident computes."""
     from hobbit_tools.profile.calibrate import LayerExperts, Windows, walk
+    from hobbit_tools.runtime import prefill
     from hobbit_tools.runtime.loader import ModelFiles, build_model
     from hobbit_tools.runtime.store import ExpertStore
-
-    from hobbit_tools.runtime import prefill
 
     d, _ = profiled
     rt = hobbit_tools.load(d / "model", policy="resident", config=False, dtype="float32")
