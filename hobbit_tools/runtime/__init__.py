@@ -206,6 +206,8 @@ def load(
         # how offloaded loads reach the disk (batched direct reads, or reader threads)
         "io": getattr(backend, "io", None),
         "threads": {"ggml": ggml.threads(), "torch": torch.get_num_threads()},
+        # GGUF types whose many-token matmuls take torch's bf16 GEMM, from how many tokens
+        "prefill_route": dict(prefill.ROUTE),
     }
     return Runtime(model, tokenizer(files), info)
 
