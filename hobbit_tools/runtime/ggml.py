@@ -403,6 +403,16 @@ def parked():
         _park = before
 
 
+def compute(graph, plan) -> None:
+    """Run a planned graph (every ggml call of hobbit's goes through here); the pools
+    parked after it inside `parked()`."""
+    status = lib().compute(graph, C.byref(plan))
+    if _park:
+        _pools.pause()
+    if status != 0:
+        raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+
+
 # Set by `set_threads` (`hobbit run --threads`, `load(threads=)`); else, on first use, the
 # CPUs this process may use that nothing else keeps busy (threads.py): a worker waiting for a
 # CPU another process holds stalls every call.
@@ -482,11 +492,7 @@ class _Graph:
         plan = lb.plan(g, n, _pools.get(n))
         if plan.work_size:
             plan.work_data = _scratch.get("work", plan.work_size).ctypes.data
-        status = lb.compute(g, C.byref(plan))
-        if _park:
-            _pools.pause()
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        compute(g, plan)
         rows, cols = out.contents.ne[1], out.contents.ne[0]
         buf = (C.c_float * (rows * cols)).from_address(out.contents.data)
         return np.ctypeslib.as_array(buf).reshape(rows, cols)
@@ -616,11 +622,7 @@ class _OneToken:
     def _compute(self, x: torch.Tensor) -> None:
         """x [1, in] (any float dtype) into the graph; its outputs land in bufs["y"]."""
         self.bufs["x"][:] = x.reshape(-1).float().numpy()
-        status = self.lb.compute(self.graph, C.byref(self._plan()))
-        if _park:
-            _pools.pause()
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        compute(self.graph, self._plan())
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, in] (any float dtype) -> [1, out] float32."""

@@ -167,9 +167,7 @@ class _Graph:
         self.outs = [_view(t) for t in outs]
 
     def compute(self) -> None:
-        status = self.lb.compute(self.graph, C.byref(self.plan))
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        ggml.compute(self.graph, self.plan)
 
     def __del__(self):
         for ctx in (getattr(self, "ctx", None), getattr(self, "leaves", None)):
