@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from hobbit_tools.cli import main
 from hobbit_tools.errors import HobbitError
-from hobbit_tools.profile.fit import fit_cache, fitted_replay
+from hobbit_tools.profile.fit import cache_runs, choose_cache, fit_cache, fitted_replay
 from hobbit_tools.runtime.policies import LFU, LRU, Forecast, cliff, make_policy
 from hobbit_tools.runtime.replay import read_trace, replay, replay_ids, requests, write_trace
 
@@ -187,6 +187,39 @@ def test_vectorised_victim_matches_the_rule_written_out():
         count[k], last[k] = count.get(k, 0) + 1, clock // 3
         cands = rng.sample(list(count), min(len(count), 7))
         assert p.victim(cands, 0) == min(cands, key=lambda k: (count[k], last[k], k))
+
+
+def test_forecast_keeps_what_a_sticky_layer_chose_last_over_what_it_chose_often():
+    """A layer that has chosen again what it chose the token before 96% of the time: the
+    expert it has just chosen for the first time outlives one chosen 39 times that it
+    dropped a token ago (frequency alone says the opposite)."""
+    f = Forecast(num_layers=1)
+    for token in range(1, 40):
+        for e in ("a", "x"):
+            f.touch((0, ord(e), "high"), token, token)
+    for e in ("a", "y"):
+        f.touch((0, ord(e), "high"), 40, 40)
+    assert f.victim([(0, ord("x"), "high"), (0, ord("y"), "high")], 0) == (0, ord("x"), "high")
+    # a layer that never repeats itself: frequency decides
+    f = Forecast(num_layers=1)
+    for token in range(1, 40):
+        f.touch((0, ord("x"), "high"), token, token)
+        f.touch((0, 1000 + token, "high"), token, token)
+    f.touch((0, ord("y"), "high"), 40, 40)
+    assert f.victim([(0, ord("x"), "high"), (0, ord("y"), "high")], 0) == (0, ord("y"), "high")
+
+
+def test_the_fit_keeps_forecast_unless_a_candidate_beats_it_by_its_noise():
+    """Forecast is one of the baselines: on the part it was fitted on, the choice is never
+    worse than lru, lfu or forecast."""
+    header, records = as_hobbit_trace(random_trace(seed=5))
+    reqs = requests(header, records, None)
+    runs = cache_runs(header, reqs, 60, None, step=0.5)
+    best, base, _ = choose_cache(runs, reqs, len(reqs.ticks))
+    total = {(r["cache_policy"], r["weights"]): r["run"]["miss_penalty"] for r in runs}
+    assert runs[base]["cache_policy"] in ("lru", "lfu", "forecast")
+    chosen = runs[best]["run"]["miss_penalty"]
+    assert chosen <= min(total[("lru", None)], total[("lfu", None)], total[("forecast", (8.0,))])
 
 
 def test_policies_grow_past_their_first_arrays():

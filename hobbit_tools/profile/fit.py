@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..runtime.policies import Forecast
 from ..runtime.precision import PrecisionRule, unimportance
 from ..runtime.replay import Requests, replay, requests
 
@@ -46,6 +47,11 @@ CANDIDATES = (
 )
 
 
+# the safe choices: the fit keeps the best of these on the part it saw unless a candidate
+# beats it by more than its noise; forecast is the one with its default half-life
+BASELINES = (("lru", None), ("lfu", None), ("forecast", None))
+
+
 def fit_cache(
     header: dict,
     records: list[dict] | Requests,
@@ -56,21 +62,57 @@ def fit_cache(
     chunks: int = 8,
     z: float = 1.0,
 ) -> dict:
-    """Policy, parameters and split for the trace: the better of lru and lfu (lowest miss
-    penalty), unless a candidate beats it by more than its own noise. The trace is cut into
-    `chunks` parts by tokens; a candidate's margin is the mean per-part penalty it saves
-    over that baseline less z standard errors, and the largest positive margin wins. So the
-    choice is never worse than lru or lfu on the trace it was fitted on, and a candidate
-    that only won by luck on some parts of it does not replace them."""
+    """Policy, parameters and split for the trace: every candidate (`cache_candidates`)
+    replayed over it, then chosen by `choose_cache`."""
     reqs = records if isinstance(records, Requests) else requests(header, records, rule)
+    runs = cache_runs(header, reqs, memory, rule, low_shares, step)
+    best, base, margin = choose_cache(runs, reqs, len(reqs.ticks), chunks, z)
+    brief = _brief(runs[best]["run"], len(reqs.ticks))
+    lru = min(
+        (r for r in runs if r["cache_policy"] == "lru"),
+        key=lambda r: r["run"]["per_tick_penalty"].sum(),
+    )
+    return {
+        "best": {
+            **_params(runs[best]),
+            **brief,
+            "margin": margin,
+            "baseline": runs[base]["cache_policy"],
+        },
+        "lru": {**_params(lru), **_brief(lru["run"], len(reqs.ticks))},
+        "candidates": len(runs),
+        "cliff": runs[0]["run"]["cliff"],
+    }
+
+
+def cache_candidates(step: float) -> list[tuple[str, tuple | None]]:
+    """(policy, parameters): lru, lfu, lcu, the parameterised CANDIDATES and HOBBIT's
+    weights on the simplex in steps of `step`."""
+    return (
+        [(p, None) for p in ("lru", "lfu", "lcu")]
+        + list(CANDIDATES)
+        + [("hobbit", w) for w in weight_grid(step)]
+    )
+
+
+def cache_runs(
+    header: dict,
+    reqs: Requests,
+    memory: int | str,
+    rule: PrecisionRule | None,
+    low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
+    step: float = 0.25,
+) -> list[dict]:
+    """Every candidate (and low share, with a rule) replayed over the trace, with each
+    tick's miss penalty: what `choose_cache` decides from, on any prefix of the ticks (a
+    cache's decisions on a prefix do not depend on what follows it)."""
     shares = low_shares if rule is not None else (0.0,)
-    plain = [(p, None) for p in ("lru", "lfu", "lcu")] + list(CANDIDATES)
-    grid = [("hobbit", w) for w in weight_grid(step)]
-    bounds = np.unique([reqs.cut(k / chunks) for k in range(chunks)])
-    results, parts, warning = [], [], None
-    for share in shares:
-        for policy, w in plain + grid:
-            r = replay(
+    return [
+        {
+            "cache_policy": policy,
+            "weights": w,
+            "low_share": share,
+            "run": replay(
                 header,
                 reqs,
                 memory=memory,
@@ -79,28 +121,41 @@ def fit_cache(
                 low_share=share,
                 cache_weights=w,
                 per_tick=True,
-            )
-            results.append({"cache_policy": policy, "weights": w, "low_share": share, **_brief(r)})
-            parts.append(
-                np.add.reduceat(r["per_tick_penalty"], bounds)
-                if len(bounds)
-                else r["per_tick_penalty"][:0]
-            )
-            warning = warning or r["cliff"]
-    lru = min((r for r in results if r["cache_policy"] == "lru"), key=lambda r: r["miss_penalty"])
-    base = min(
-        (i for i, r in enumerate(results) if r["cache_policy"] in ("lru", "lfu")),
-        key=lambda i: results[i]["miss_penalty"],
-    )
+            ),
+        }
+        for share in shares
+        for policy, w in cache_candidates(step)
+    ]
+
+
+def choose_cache(
+    runs: list[dict], reqs: Requests, ticks: int, chunks: int = 8, z: float = 1.0
+) -> tuple[int, int, float]:
+    """(chosen, baseline, margin): indices into runs, judged on their first `ticks` ticks.
+    The baseline is the best of BASELINES (lowest miss penalty); a candidate replaces it
+    only by beating it by more than its own noise: the part of `ticks` is cut into `chunks`
+    by tokens, a candidate's margin is the mean per-chunk penalty it saves over the
+    baseline less z standard errors, and the largest positive margin wins. So the choice is
+    never worse than lru or lfu on the ticks it saw, and a candidate that only won by luck
+    on some chunks does not replace them."""
+    head = reqs.head(ticks)
+    bounds = np.unique([head.cut(k / chunks) for k in range(chunks)])
+    pens = [r["run"]["per_tick_penalty"][:ticks] for r in runs]
+    default = Forecast.DEFAULT_HALF_LIFE
+
+    def baseline(r):
+        w = r["weights"]
+        return (r["cache_policy"], None if w == (default,) else w) in BASELINES
+
+    base = min((i for i, r in enumerate(runs) if baseline(r)), key=lambda i: pens[i].sum())
     best, best_margin = base, 0.0
-    for i, part in enumerate(parts):
-        saved = parts[base] - part
+    for i, pen in enumerate(pens):
+        saved = np.add.reduceat(pens[base] - pen, bounds) if len(bounds) else pen[:0]
         noise = saved.std(ddof=1) / np.sqrt(len(saved)) if len(saved) > 1 else 0.0
         margin = float(saved.mean() - z * noise) if len(saved) else 0.0
         if margin > best_margin:
             best, best_margin = i, margin
-    chosen = {**results[best], "margin": best_margin, "baseline": results[base]["cache_policy"]}
-    return {"best": chosen, "lru": lru, "candidates": len(results), "cliff": warning}
+    return best, base, best_margin
 
 
 def fitted_replay(
@@ -149,8 +204,18 @@ def held_out_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _brief(r: dict) -> dict:
-    return {k: r[k] for k in ("miss_penalty", "hit_rate", "bytes_read")}
+def _params(run: dict) -> dict:
+    return {k: run[k] for k in ("cache_policy", "weights", "low_share")}
+
+
+def _brief(r: dict, ticks: int) -> dict:
+    """A run's miss penalty over its first `ticks` ticks, and its whole hit rate and bytes
+    read (where a fit runs over exactly those ticks, all three are of the same part)."""
+    return {
+        "miss_penalty": float(r["per_tick_penalty"][:ticks].sum()),
+        "hit_rate": r["hit_rate"],
+        "bytes_read": r["bytes_read"],
+    }
 
 
 def fit_prefetch_depth(

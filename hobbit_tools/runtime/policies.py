@@ -12,6 +12,7 @@ the replay's `pick` run the same code, and a victim costs one array pass, not a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -162,7 +163,8 @@ class DecayLFU(LRU):
 
     def touch_id(self, i, clock, token):
         self.last[i] = clock
-        self.rank[i] = np.logaddexp2(self.rank[i], token / self.h)
+        r, x = float(self.rank[i]), token / self.h  # log2(2^r + 2^x), in Python floats
+        self.rank[i] = x if r == -math.inf else max(r, x) + math.log2(1 + 2.0 ** -abs(r - x))
 
     def scores(self, ids, layer):
         return self.rank[ids], self.last[ids]
@@ -171,10 +173,17 @@ class DecayLFU(LRU):
 class Forecast(DecayLFU):
     """Evicts the expert whose next use is forecast furthest ahead, in MoE layer calls:
     the layers until its layer comes round, plus num_layers x the tokens expected until its
-    expert is chosen again (1 / its decayed per-token frequency, less one). Belady's rule
-    with the future estimated: frequency decides between experts of unlike popularity, the
-    layer cycle between alike ones. Below one token's working set it keeps the popular
-    experts resident and streams the rest through the remaining slots."""
+    expert is chosen again (1 / the chance a token chooses it, less one). Belady's rule with
+    the future estimated: the chance decides between experts of unlike popularity, the layer
+    cycle between alike ones. Below one token's working set it keeps the popular experts
+    resident and streams the rest through the remaining slots.
+
+    The chance is the geometric mean of two frequencies, one decayed with a half-life in
+    tokens (follows a change of topic) and one over every token so far (steady where routing
+    is steady, the better one once a sequence is long): either alone lost to plain LFU on
+    some real trace. An expert chosen at its layer's last visit has at least the chance,
+    measured per layer as the run goes, that a layer chooses again what it chose the token
+    before: consecutive tokens share experts more often than their frequencies say."""
 
     name = "forecast"
     DEFAULT_HALF_LIFE = 8.0
@@ -182,19 +191,46 @@ class Forecast(DecayLFU):
     def __init__(self, num_layers: int, half_life: float = DEFAULT_HALF_LIFE):
         super().__init__(half_life)
         self.n = max(num_layers, 1)
+        self.t.array(self, "count", 0)
+        self.t.array(self, "used_at", -1)  # token of the key's last use
+        # per layer, as lists (a touch costs a Python append, not a numpy call): the token
+        # of its last visit and of the one before, its uses, and uses of an expert that it
+        # had chosen at the visit before
+        self.visit: list[int] = []
+        self.before: list[int] = []
+        self.uses: list[int] = []
+        self.repeats: list[int] = []
         self.token = 1
 
     def touch_id(self, i, clock, token):
         super().touch_id(i, clock, token)
-        self.token = max(self.token, token)
+        layer = int(self.t.layer[i >> 1])
+        while layer >= len(self.visit):
+            for a, fill in ((self.visit, -1), (self.before, -1), (self.uses, 0), (self.repeats, 0)):
+                a.append(fill)
+        if self.visit[layer] != token:
+            self.before[layer], self.visit[layer] = self.visit[layer], token
+        was = int(self.used_at[i])
+        self.uses[layer] += 1
+        self.repeats[layer] += was >= 0 and was == self.before[layer]
+        self.used_at[i] = token
+        self.count[i] += 1
+        if token > self.token:
+            self.token = token
 
     def scores(self, ids, layer):
-        # decayed uses now, and the decayed number of tokens so far: their ratio is the
-        # chance a token picks the expert
-        uses = np.exp2(self.rank[ids] - self.token / self.h)
+        # decayed uses now, over the decayed number of tokens so far: the chance lately;
+        # count over tokens: the chance over the whole run
         tokens = (1 - 2.0 ** (-self.token / self.h)) / (1 - 2.0 ** (-1 / self.h))
-        gap = tokens / np.maximum(uses, 1e-300) - 1
-        dist = (self.t.layer[ids >> 1] - layer - 1) % self.n + 1
+        scale = 1.0 / math.sqrt(tokens * self.token)
+        chance = np.sqrt(np.exp2(self.rank[ids] - self.token / self.h) * self.count[ids]) * scale
+        layers = self.t.layer[ids >> 1]
+        if self.visit:
+            again = np.array(self.repeats, np.float64) / np.maximum(self.uses, 1)
+            fresh = self.used_at[ids] == np.array(self.visit)[layers]
+            chance = np.where(fresh, np.maximum(chance, again[layers]), chance)
+        gap = 1 / np.maximum(chance, 1e-300) - 1
+        dist = (layers - layer - 1) % self.n + 1
         return -(dist + self.n * gap), self.last[ids]
 
 
