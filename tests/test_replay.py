@@ -209,6 +209,17 @@ def test_forecast_keeps_what_a_sticky_layer_chose_last_over_what_it_chose_often(
     assert f.victim([(0, ord("x"), "high"), (0, ord("y"), "high")], 0) == (0, ord("y"), "high")
 
 
+def test_forecast_ranks_a_candidate_whose_layer_has_not_run_yet():
+    """A prefetched copy can be a candidate before its layer was ever used."""
+    f = Forecast(num_layers=3)
+    f.touch((0, 1, "high"), 1, 1)
+    f.t.id((5, 2, "high"))  # a layer past num_layers too
+    assert f.victim([(0, 1, "high"), (2, 5, "high"), (5, 2, "high")], 0) in {
+        (2, 5, "high"),
+        (5, 2, "high"),
+    }
+
+
 def test_the_fit_keeps_forecast_unless_a_candidate_beats_it_by_its_noise():
     """Forecast is one of the baselines: on the part it was fitted on, the choice is never
     worse than lru, lfu or forecast."""

@@ -48,8 +48,8 @@ CANDIDATES = (
 
 
 # the safe choices: the fit keeps the best of these on the part it saw unless a candidate
-# beats it by more than its noise; forecast is the one with its default half-life
-BASELINES = (("lru", None), ("lfu", None), ("forecast", None))
+# beats it by more than its noise
+BASELINES = (("lru", None), ("lfu", None), ("forecast", (Forecast.DEFAULT_HALF_LIFE,)))
 
 
 def fit_cache(
@@ -67,19 +67,16 @@ def fit_cache(
     reqs = records if isinstance(records, Requests) else requests(header, records, rule)
     runs = cache_runs(header, reqs, memory, rule, low_shares, step)
     best, base, margin = choose_cache(runs, reqs, len(reqs.ticks), chunks, z)
-    brief = _brief(runs[best]["run"], len(reqs.ticks))
     lru = min(
-        (r for r in runs if r["cache_policy"] == "lru"),
-        key=lambda r: r["run"]["per_tick_penalty"].sum(),
+        (r for r in runs if r["cache_policy"] == "lru"), key=lambda r: r["run"]["miss_penalty"]
     )
     return {
         "best": {
-            **_params(runs[best]),
-            **brief,
+            **_brief(runs[best]),
             "margin": margin,
             "baseline": runs[base]["cache_policy"],
         },
-        "lru": {**_params(lru), **_brief(lru["run"], len(reqs.ticks))},
+        "lru": _brief(lru),
         "candidates": len(runs),
         "cliff": runs[0]["run"]["cliff"],
     }
@@ -136,18 +133,15 @@ def choose_cache(
     only by beating it by more than its own noise: the part of `ticks` is cut into `chunks`
     by tokens, a candidate's margin is the mean per-chunk penalty it saves over the
     baseline less z standard errors, and the largest positive margin wins. So the choice is
-    never worse than lru or lfu on the ticks it saw, and a candidate that only won by luck
-    on some chunks does not replace them."""
+    never worse than lru, lfu or forecast on the ticks it saw, and a candidate that only won
+    by luck on some chunks does not replace them."""
     head = reqs.head(ticks)
     bounds = np.unique([head.cut(k / chunks) for k in range(chunks)])
     pens = [r["run"]["per_tick_penalty"][:ticks] for r in runs]
-    default = Forecast.DEFAULT_HALF_LIFE
-
-    def baseline(r):
-        w = r["weights"]
-        return (r["cache_policy"], None if w == (default,) else w) in BASELINES
-
-    base = min((i for i, r in enumerate(runs) if baseline(r)), key=lambda i: pens[i].sum())
+    base = min(
+        (i for i, r in enumerate(runs) if (r["cache_policy"], r["weights"]) in BASELINES),
+        key=lambda i: pens[i].sum(),
+    )
     best, best_margin = base, 0.0
     for i, pen in enumerate(pens):
         saved = np.add.reduceat(pens[base] - pen, bounds) if len(bounds) else pen[:0]
@@ -204,17 +198,12 @@ def held_out_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _params(run: dict) -> dict:
-    return {k: run[k] for k in ("cache_policy", "weights", "low_share")}
-
-
-def _brief(r: dict, ticks: int) -> dict:
-    """A run's miss penalty over its first `ticks` ticks, and its whole hit rate and bytes
-    read (where a fit runs over exactly those ticks, all three are of the same part)."""
+def _brief(run: dict) -> dict:
+    """A candidate's parameters and its run's totals."""
+    r = run["run"]
     return {
-        "miss_penalty": float(r["per_tick_penalty"][:ticks].sum()),
-        "hit_rate": r["hit_rate"],
-        "bytes_read": r["bytes_read"],
+        **{k: run[k] for k in ("cache_policy", "weights", "low_share")},
+        **{k: r[k] for k in ("miss_penalty", "hit_rate", "bytes_read")},
     }
 
 

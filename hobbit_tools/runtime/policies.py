@@ -200,14 +200,20 @@ class Forecast(DecayLFU):
         self.before: list[int] = []
         self.uses: list[int] = []
         self.repeats: list[int] = []
+        self._cover(self.n)
         self.token = 1
+
+    def _cover(self, layers: int) -> None:
+        """Per-layer lists long enough for layer indices below `layers`."""
+        while len(self.visit) < layers:
+            for a, fill in ((self.visit, -1), (self.before, -1), (self.uses, 0), (self.repeats, 0)):
+                a.append(fill)
 
     def touch_id(self, i, clock, token):
         super().touch_id(i, clock, token)
         layer = int(self.t.layer[i >> 1])
-        while layer >= len(self.visit):
-            for a, fill in ((self.visit, -1), (self.before, -1), (self.uses, 0), (self.repeats, 0)):
-                a.append(fill)
+        if layer >= len(self.visit):
+            self._cover(layer + 1)
         if self.visit[layer] != token:
             self.before[layer], self.visit[layer] = self.visit[layer], token
         was = int(self.used_at[i])
@@ -225,10 +231,10 @@ class Forecast(DecayLFU):
         scale = 1.0 / math.sqrt(tokens * self.token)
         chance = np.sqrt(np.exp2(self.rank[ids] - self.token / self.h) * self.count[ids]) * scale
         layers = self.t.layer[ids >> 1]
-        if self.visit:
-            again = np.array(self.repeats, np.float64) / np.maximum(self.uses, 1)
-            fresh = self.used_at[ids] == np.array(self.visit)[layers]
-            chance = np.where(fresh, np.maximum(chance, again[layers]), chance)
+        self._cover(int(layers.max()) + 1)  # a candidate's layer may not have run yet
+        again = np.array(self.repeats, np.float64) / np.maximum(self.uses, 1)
+        fresh = self.used_at[ids] == np.array(self.visit)[layers]
+        chance = np.where(fresh, np.maximum(chance, again[layers]), chance)
         gap = 1 / np.maximum(chance, 1e-300) - 1
         dist = (layers - layer - 1) % self.n + 1
         return -(dist + self.n * gap), self.last[ids]
