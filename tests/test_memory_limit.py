@@ -95,7 +95,7 @@ def test_run_offloads_under_a_memory_limit(limited, big_model, tmp_path):
 
 
 def test_profile_and_tuned_run_offload_under_a_memory_limit(limited, big_model, tmp_path):
-    prof = _run_in(limited, ["profile", str(big_model), "--max-tokens", "512", "--quick"], tmp_path)
+    prof = _run_in(limited, ["profile", str(big_model), "--max-tokens", "256", "--quick"], tmp_path)
     full = hobbit_tools.load(big_model, policy="lru", memory="10%", config=False).info[
         "full_cache_bytes"
     ]
