@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..runtime import ggml
+from ..runtime.budget import trim
 from ..runtime.experts import Combiner, dispatch
 from ..runtime.precision import HIGH, LOW, SKIP, PrecisionRule, skip_weights, unimportance
 from ..runtime.store import ExpertStore, SlotArena
@@ -77,11 +79,22 @@ class LayerExperts:
 
     def __init__(self, store: ExpertStore, rule: PrecisionRule | None, observer=None):
         self.store, self.rule, self.observer = store, rule, observer
-        self.slots = {p: SlotArena(q.slot_bytes, 1) for p, q in store.p.items()}
+        self.slots: dict[str, SlotArena] = {}  # per precision, made at its first read
         self.resid_norm: torch.Tensor | None = None  # [T] residual norms, for the observer
 
     def expert(self, layer: int, e: int, precision: str):
-        return self.store.read(layer, e, precision, self.slots[precision].view(0))
+        slot = self.slots.get(precision)
+        if slot is None:
+            slot = self.slots[precision] = SlotArena(self.store.p[precision].slot_bytes, 1)
+        return self.store.read(layer, e, precision, slot.view(0))
+
+    def release(self) -> None:
+        """Free the slots and the store's idle read buffers: an expert per precision and
+        its staging (~36 MiB of Q8_0 on a 1024x3584 model), which the profile's decodes
+        under a memory limit need (measured: without this, 9 MiB was left for their cache
+        inside 380 MiB, below one layer's working minimum)."""
+        self.slots.clear()
+        self.store.staging.clear()
 
     def forward(self, layer, x, ids, weights):
         if self.observer is not None:
@@ -114,12 +127,18 @@ def walk(model, windows: Windows, backend: LayerExperts, label: str = "") -> lis
     bar = tqdm(
         range(len(model.w.layers)), desc=label, unit="layer", disable=not sys.stderr.isatty()
     )
-    with torch.inference_mode():
-        for i in bar:
-            hs = [model.attention_step(i, h, 0, *model.rope(0, len(h))) for h in hs]
-            h = torch.cat(hs)
-            backend.resid_norm = h.float().norm(dim=-1)
-            hs = list(model.ffn_step(i, h).split(sizes))
+    try:
+        with torch.inference_mode():
+            for i in bar:
+                hs = [model.attention_step(i, h, 0, *model.rope(0, len(h))) for h in hs]
+                h = torch.cat(hs)
+                backend.resid_norm = h.float().norm(dim=-1)
+                hs = list(model.ffn_step(i, h).split(sizes))
+    finally:
+        model.experts = None
+        backend.release()
+        ggml.drop_scratch()
+        trim()
     return hs
 
 

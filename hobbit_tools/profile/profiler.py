@@ -148,6 +148,8 @@ def _profile(
     has_low = "low" in files.precisions
     model = build_model(files, None, dtype, max(window, trace_tokens) + 1)
     store = ExpertStore(files, files.precisions, dtype)
+    budget, low_off = _working_budget(cfg, store, budget, memory is None)
+    use_low = has_low and low_off is None
     routers = {i: model.w.layers[i].router for i, m in enumerate(cfg.moe_layers) if m}
     observer = Observer(fit_w.tokens, RouterView(routers, model.select))
     final = walk(model, fit_w + held_w, LayerExperts(store, None, observer), "routing, errors")
@@ -169,8 +171,10 @@ def _profile(
     depth = fit_prefetch_depth(recall)
     fitted["memory_source"] = "given" if memory is not None else plan.describe()
     fitted["calibration_tokens"] = sum(len(ids) for _, ids in parts)
+    if has_low and low_off:
+        fitted["low_off"] = low_off
     front, rounds = [], []
-    if has_low:
+    if use_low:
         fitted["sensitivity"] = observer.sensitivity
         low_pays = cost["low"] < cost["high"]
         fitted["low_pays"] = low_pays
@@ -354,6 +358,31 @@ def _strategy(best: dict, rule: PrecisionRule | None, depth: int) -> Strategy:
         t2=rule.t2 if rule is not None else 1.0,
         low_share=best["low_share"] if rule is not None else 0.25,
         cache_weights=tuple(best["weights"]) if best["weights"] else None,
+    )
+
+
+def _working_budget(cfg, store: ExpertStore, budget: int, planned: bool):
+    """The budget the profile tunes for, and why dynamic precision is off (None: it is not).
+
+    A planned budget a little below one layer's top-k experts at high precision (the least
+    any offloaded run works with) is raised to that where half the runtime floor covers the
+    gap: the floor is a margin, and a run at that minimum still decodes (measured inside a
+    380 MiB limit on m742-q8: 28 MiB planned, 22 MiB cached, 8.6 tok/s against llama.cpp's
+    1.2-2.4). Dynamic precision needs top-k experts cached at each precision; where the
+    budget holds less, every expert is computed at high precision."""
+    slot = {p: q.slot_bytes for p, q in store.p.items()}
+    least = cfg.top_k * slot["high"]
+    if planned and budget < least <= budget + RUNTIME_FLOOR // 2:
+        budget = least
+    if "low" not in slot:
+        return budget, None
+    both = cfg.top_k * (slot["high"] + slot["low"])
+    if budget >= both:
+        return budget, None
+    return budget, (
+        f"the budget ({budget / 2**20:.1f} MiB) holds less than one layer's top-{cfg.top_k} "
+        f"experts at both precisions ({both / 2**20:.1f} MiB): dynamic precision is off, "
+        "every expert is computed at high precision"
     )
 
 
@@ -728,6 +757,8 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
         "one, + one token through a real expert): "
         + ", ".join(f"{p} {v * 1e3:.3f} ms" for p, v in cost.items())
     )
+    if fitted.get("low_off"):
+        lines.append(f"- {fitted['low_off']}")
     if not fitted.get("low_pays", True):
         lines.append(
             "- the low-precision copy costs more to load and compute than the high one here: "

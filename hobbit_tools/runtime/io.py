@@ -83,6 +83,11 @@ class Buffers:
             with self._lock:
                 self._free.append(buf)
 
+    def clear(self) -> None:
+        """Let the idle buffers go (a lease after this makes a new one)."""
+        with self._lock:
+            self._free.clear()
+
 
 class ReadStopped(Exception):
     """A read was told to stop (a prefetch found wrong) before it finished."""
