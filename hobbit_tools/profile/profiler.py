@@ -171,7 +171,7 @@ def _profile(
     depth = fit_prefetch_depth(recall)
     fitted["memory_source"] = "given" if memory is not None else plan.describe()
     fitted["calibration_tokens"] = sum(len(ids) for _, ids in parts)
-    if has_low and low_off:
+    if low_off:  # only with a low shard
         fitted["low_off"] = low_off
     front, rounds = [], []
     if use_low:
