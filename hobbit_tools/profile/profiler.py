@@ -47,7 +47,7 @@ from ..runtime.offload import OffloadOptions, RouterView
 from ..runtime.pack import UNPACKED_TYPES
 from ..runtime.precision import PrecisionRule
 from ..runtime.store import ExpertStore, SlotArena
-from ..runtime.strategy import Strategy, build_backend, default_memory
+from ..runtime.strategy import Strategy, build_backend, default_memory, working_minimum
 from .calibrate import LayerExperts, Observer, Windows, part_ppl, score_histogram, walk
 from .config import config_path, shard_digests, write_config
 from .fit import bisect_front, expert_front, expert_tables, fit_cache, fit_prefetch_depth, spread
@@ -370,13 +370,12 @@ def _working_budget(cfg, store: ExpertStore, budget: int, planned: bool):
     380 MiB limit on m742-q8: 28 MiB planned, 22 MiB cached, 8.6 tok/s against llama.cpp's
     1.2-2.4). Dynamic precision needs top-k experts cached at each precision; where the
     budget holds less, every expert is computed at high precision."""
-    slot = {p: q.slot_bytes for p, q in store.p.items()}
-    least = cfg.top_k * slot["high"]
-    if planned and budget < least <= budget + RUNTIME_FLOOR // 2:
-        budget = least
-    if "low" not in slot:
+    need = working_minimum(cfg.top_k, {p: q.slot_bytes for p, q in store.p.items()})
+    if planned and budget < need["high"] <= budget + RUNTIME_FLOOR // 2:
+        budget = need["high"]
+    if "low" not in need:
         return budget, None
-    both = cfg.top_k * (slot["high"] + slot["low"])
+    both = need["high"] + need["low"]
     if budget >= both:
         return budget, None
     return budget, (

@@ -253,6 +253,9 @@ class Transformer:
         mask = None
         if T > 1:  # query t sees keys 0..start+t
             mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+            # the cache's values are a transposed view: SDPA's kernels on it took 3.4x the
+            # time of a contiguous copy plus the call (m742, 128 tokens: 2.6 vs 0.75 ms a layer)
+            values = values.contiguous()
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True
         )[0]  # [H, T, Dh]

@@ -103,13 +103,13 @@ def build_backend(
             raise
     if s.dynamic_precision:
         # the low share, moved as far as needed for each cache to hold one layer's top-k
-        need_low, need_high = cfg.top_k * slot["low"], cfg.top_k * slot["high"]
-        low = max(int(budget * s.low_share), need_low)
-        budgets = {"low": min(low, max(budget - need_high, need_low))}
+        need = working_minimum(cfg.top_k, slot)
+        low = max(int(budget * s.low_share), need["low"])
+        budgets = {"low": min(low, max(budget - need["high"], need["low"]))}
         budgets["high"] = budget - budgets["low"]
     else:
         budgets = {precision: budget}
-    need = {p: cfg.top_k * slot[p] for p in budgets}
+    need = working_minimum(cfg.top_k, {p: slot[p] for p in budgets})
     if any(budgets[p] < need[p] for p in budgets):
         store.close()
         minimum = sum(need.values()) if s.dynamic_precision else need[precision]
@@ -143,6 +143,12 @@ def build_backend(
     backend = OffloadedExperts(store, budgets, policy, options, router)
     backend.cliff = warning
     return backend
+
+
+def working_minimum(top_k: int, slot_bytes: dict[str, int]) -> dict[str, int]:
+    """The least each precision's cache works with: one layer's top-k experts in it (a
+    budget below this cannot hold what a single layer computes)."""
+    return {p: top_k * b for p, b in slot_bytes.items()}
 
 
 def full_cache_bytes(files: ModelFiles, high_slot_bytes: int) -> int:
