@@ -87,13 +87,14 @@ def build_backend(
         files, sorted(set(precisions) | {"high"}), dtype, packs=packs, kernels=kernels
     )
     slot = {p: store.p[p].slot_bytes for p in precisions}
+    need = working_minimum(cfg.top_k, slot)  # per cache, keyed like `budgets` below
     if memory is None:
         if s.cache != "ondemand":
             store.close()
             raise HobbitError(
                 f"policy {s.name} caches experts: give a memory budget, e.g. --memory 30%"
             )
-        budget = cfg.top_k * max(slot.values())
+        budget = max(need.values())
     else:
         full = full_cache_bytes(files, store.p["high"].slot_bytes)
         try:
@@ -103,16 +104,14 @@ def build_backend(
             raise
     if s.dynamic_precision:
         # the low share, moved as far as needed for each cache to hold one layer's top-k
-        need = working_minimum(cfg.top_k, slot)
         low = max(int(budget * s.low_share), need["low"])
         budgets = {"low": min(low, max(budget - need["high"], need["low"]))}
         budgets["high"] = budget - budgets["low"]
     else:
         budgets = {precision: budget}
-    need = working_minimum(cfg.top_k, {p: slot[p] for p in budgets})
     if any(budgets[p] < need[p] for p in budgets):
         store.close()
-        minimum = sum(need.values()) if s.dynamic_precision else need[precision]
+        minimum = sum(need.values())
         raise BudgetBelowMinimum(
             f"a memory budget of {budget:,} bytes is below this model's working minimum, "
             f"which needs at least {cfg.top_k} (one layer's top-k) experts per cache = {minimum:,} bytes",
