@@ -43,6 +43,18 @@ def test_rule_levels_global_per_layer_and_per_expert():
     assert per_expert.levels(0, ids, w).tolist() == [[HIGH, HIGH, SKIP]]
 
 
+def test_t1_zero_sends_even_the_top1_expert_low():
+    ids = torch.tensor([[3, 1, 2]])
+    w = torch.tensor([[0.6, 0.3, 0.1]])  # s = 0, 0.6, 0.9
+    t1 = torch.full((1, 4), 0.5)
+    t1[0, 3] = 0.0  # expert 3's low copy is as good as its high one
+    rule = PrecisionRule(t1, torch.full((1, 4), 0.8))
+    assert rule.levels(0, ids, w).tolist() == [[LOW, LOW, SKIP]]
+    assert rule.row(0, [3, 1, 2], [0.6, 0.3, 0.1]) == ([LOW, LOW, SKIP], [True, False, False])
+    assert PrecisionRule(0.5, 0.8).levels(0, ids, w).tolist() == [[HIGH, LOW, SKIP]]
+    assert serve_from(False, True, LOW, True) == "low"  # its cached low copy serves it too
+
+
 def test_serving_rule():
     assert serve_from(True, True, LOW, False) == "high"
     assert serve_from(False, True, LOW, False) == "low"
@@ -96,6 +108,27 @@ def test_hobbit_loads_low_and_skips(model):
     assert rt.info["cache_bytes"] <= hobbit_tools.runtime.budget.parse_memory(
         "40%", rt.info["full_cache_bytes"]
     )
+
+
+def test_misses_wait_for_slots_the_layers_hits_held(model):
+    """Every expert low (T1 = 0) and a low cache of one layer's top-k: a layer's hits hold
+    every low slot while its misses wait; once the hits are computed the misses take their
+    slots (this raised "no free slot" before)."""
+    import dataclasses
+
+    from hobbit_tools.runtime.strategy import strategy
+
+    s = dataclasses.replace(strategy("hobbit", prefetch_depth=0), t1=0.0, t2=1.0, low_share=0.0)
+    rt = hobbit_tools.load(model, memory="40%", policy=s)
+    experts, k = rt.model.experts, rt.config.top_k
+    assert experts.cache.arenas["low"].n == k
+    x = torch.randn(2, rt.config.hidden_size)
+    w = torch.full((2, k), 1.0 / k)
+    experts.forward(1, x[:1], torch.arange(k)[None], w[:1])  # fills the low cache
+    both = torch.stack([torch.arange(k), torch.arange(k, 2 * k)])  # k hits, k misses
+    experts.forward(1, x, both, w)
+    s = experts.stats()
+    assert s["hits"] == k and s["loads"]["low"] == 2 * k and s["loads"]["high"] == 0
 
 
 def test_skip_modes_change_the_output(model):

@@ -150,6 +150,7 @@ class OffloadedExperts:
                         self._record(layer, ids_l, weights, level, record)
                     return group
             self._compute_ready(out, x, ready)
+            self._start(missing, waiting, layer)  # into the slots those hits held pinned
             while waiting or missing:
                 if not waiting:
                     raise HobbitError("the expert cache has no free slot; raise the memory budget")
