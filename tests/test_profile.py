@@ -79,6 +79,21 @@ def test_front_trades_cost_for_error():
     assert costs[-1] < all_high and costs[0] < costs[-1]
 
 
+def test_an_expert_whose_low_copy_is_exact_goes_low_even_as_top1():
+    """Expert 3's low copy adds no error: at a price of error that keeps the others' top-1
+    selections high, its own go low (T1 = 0); without a paying low copy, nothing does."""
+    ids, w, lo, sk = synthetic_stats(sensitive=(0, 1, 2, 3))[1]
+    lo = lo.clone()
+    lo[ids == 3] = 0.0
+    tables = tables_of({1: (ids, w, lo, sk)})
+    assert (0.0, 1.0) in tables.pairs
+    front = expert_front(tables)
+    assert any(float(p["t1"][1, 3]) == 0.0 and bool((p["t1"][1, :3] > 0).all()) for p in front), [
+        p["t1"][1].tolist() for p in front
+    ]
+    assert all(a > 0 for a, _ in tables_of({1: (ids, w, lo, sk)}, low=False).pairs)
+
+
 def test_without_a_paying_low_copy_only_skipping_is_fitted():
     front = expert_front(tables_of(synthetic_stats(), low=False))
     assert all(bool((p["t1"] == p["t2"]).all()) for p in front)

@@ -47,6 +47,11 @@ CANDIDATES = (
 )
 
 
+# shares of the budget for low copies the cache fit tries (a rule that serves most selections
+# low, as one with T1 = 0 for many experts does, wants the larger ones)
+LOW_SHARES = (0.15, 0.25, 0.35, 0.5, 0.65)
+
+
 # the safe choices: the fit keeps the best of these on the part it saw unless a candidate
 # beats it by more than its noise
 BASELINES = (("lru", None), ("lfu", None), ("forecast", (Forecast.DEFAULT_HALF_LIFE,)))
@@ -57,7 +62,7 @@ def fit_cache(
     records: list[dict] | Requests,
     memory: int | str,
     rule: PrecisionRule | None,
-    low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
+    low_shares: tuple[float, ...] = LOW_SHARES,
     step: float = 0.25,
     chunks: int = 8,
     z: float = 1.0,
@@ -97,7 +102,7 @@ def cache_runs(
     reqs: Requests,
     memory: int | str,
     rule: PrecisionRule | None,
-    low_shares: tuple[float, ...] = (0.15, 0.25, 0.35),
+    low_shares: tuple[float, ...] = LOW_SHARES,
     step: float = 0.25,
 ) -> list[dict]:
     """Every candidate (and low share, with a rule) replayed over the trace, with each
@@ -255,8 +260,10 @@ def expert_tables(
     selection averaged with its layer's, weighted n : shrink, so a rarely selected expert
     is judged mostly by its layer until it has been seen often. low=False: only pairs with
     T1 = T2 (no low band: where a low copy costs more than it saves)."""
+    # T1 = 0: even the expert's top-1 selections go low (where its low error is small)
+    firsts = (0.0, *grid) if low else grid
     pairs = sorted(
-        ((a, b) for a in grid for b in grid if (b > a and low) or b == a),
+        ((a, b) for a in firsts for b in grid if (b > a and low) or b == a),
         key=lambda t: (-t[0], -t[1]),
     )
     cost, err, count, tokens = {}, {}, {}, 0
@@ -269,7 +276,7 @@ def expert_tables(
         r = torch.zeros_like(c)
         s = s.flatten()
         for i, (a, b) in enumerate(pairs):
-            high = s <= (math.inf if a >= 1.0 else a)
+            high = s < (math.inf if a >= 1.0 else a)
             skip = s > (math.inf if b >= 1.0 else b)
             low_band = ~high & ~skip
             each = (

@@ -3,9 +3,11 @@ load for a token, or whether to skip it.
 
 The unimportance score of a token's i-th most important selected expert is the routing mass
 of the experts ranked above it: s_0 = 0, s_i = w_0 + ... + w_{i-1} (weights normalised to sum
-1). On a miss: s <= T1 loads the high-precision copy, T1 < s <= T2 the low one, s > T2 skips
-the expert. The top-1 expert (s = 0) is therefore always high. Thresholds are global, per
-layer ([L]) or per expert ([L, E]); `hobbit profile` fits them.
+1). On a miss: s < T1 loads the high-precision copy, T1 <= s <= T2 the low one, s > T2 skips
+the expert. A token's top-1 expert (s = 0) is therefore high for any T1 > 0, as in the paper;
+T1 = 0 sends even the top-1 to the low copy, a choice `hobbit profile` makes per expert where
+its measured low-precision error is small enough. A T1 >= 1 keeps everything high. Thresholds
+are global, per layer ([L]) or per expert ([L, E]); `hobbit profile` fits them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class PrecisionRule:
         s = unimportance(weights)
         t1, t2 = self._at(self.t1, layer, ids), self._at(self.t2, layer, ids)
         level = torch.full_like(ids, LOW)
-        level[s <= t1] = HIGH
+        level[s < t1] = HIGH
         level[s > t2] = SKIP
         return level
 
@@ -63,7 +65,7 @@ class PrecisionRule:
         out = []
         for e, si in zip(ids, s, strict=True):
             out.append(
-                HIGH if si <= _pick(t1, layer, e) else SKIP if si > _pick(t2, layer, e) else LOW
+                HIGH if si < _pick(t1, layer, e) else SKIP if si > _pick(t2, layer, e) else LOW
             )
         return out, [si == 0.0 for si in s]
 
