@@ -73,3 +73,20 @@ def test_stop_matcher_holds_back_partial_matches():
     m = StopMatcher(("END",))
     assert m.feed("abE") == ("ab", False)
     assert m.feed("x") == ("Ex", False)
+
+
+def test_the_warm_up_at_load_leaves_no_trace(rt):
+    """A resident model runs a short prompt at load (first calls out of the user's first
+    prompt) and forgets it: nothing in the KV cache, and the same greedy tokens and logits
+    as a model loaded without it."""
+    model_dir = rt.info["model_dir"]
+    warm, cold = hobbit_tools.load(model_dir), hobbit_tools.load(model_dir, warm_up=False)
+    assert warm.info["policy"] == "resident" and warm.info["warm_up_s"] > 0
+    assert cold.info["warm_up_s"] == 0 and warm.model.cache.length == 0
+    ids = warm.encode("The history of the world")
+    a = warm.generate(ids, max_new_tokens=12, stop_at_eos=False)
+    b = cold.generate(ids, max_new_tokens=12, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+    assert torch.equal(warm.logits(ids), cold.logits(ids))
+    offloaded = hobbit_tools.load(model_dir, memory="50%", policy="lru")
+    assert offloaded.info["warm_up_s"] == 0  # it would fill the cache with made-up experts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def load(
     packs: bool = True,
     kernels: str | dict[str, str] | None = None,
     threads: int | None = None,
+    warm_up: bool = True,
 ) -> Runtime:
     """Load a prepared model dir.
 
@@ -84,6 +86,10 @@ def load(
         may use that nothing else keeps busy, looked at once). torch gets one thread unless
         it computes experts (then as many): decode's attention and norms are too small to
         share out, and a second torch thread cost the demo 2.7x of its decode speed.
+    warm_up: run a short prompt and a decode step through a resident model before
+        returning, then forget them (`_warm_up`), so the first prompt is not the one that
+        pays for first calls; as llama.cpp does at load. Offloaded models skip it (it would
+        fill their cache with a made-up prompt's experts).
     """
     from .generate import rss_bytes
 
@@ -158,6 +164,7 @@ def load(
     model.experts = backend
     torch.set_num_threads(ggml.threads() if "torch" in _kernels(backend).values() else 1)
     prefill.warm(_route_shapes(model))
+    warm_s = _warm_up(model) if warm_up and policy.cache == "resident" else 0.0
     cache_bytes = backend.stats().get("cache_bytes", getattr(backend, "nbytes", 0))
     dense_bytes = model.dense_bytes
     info = {
@@ -208,8 +215,28 @@ def load(
         "threads": {"ggml": ggml.threads(), "torch": torch.get_num_threads()},
         # GGUF types whose many-token matmuls take torch's bf16 GEMM, from how many tokens
         "prefill_route": dict(prefill.ROUTE),
+        "warm_up_s": warm_s,
     }
     return Runtime(model, tokenizer(files), info)
+
+
+# tokens of the warm-up prompt: enough for the many-token kernels and their scratch
+WARM_UP_TOKENS = 32
+
+
+def _warm_up(model) -> float:
+    """A short prompt and one decode step through the model, then forgotten (KV cache and
+    expert state reset): the first call of every graph, kernel and scratch buffer (code
+    pages faulted in, ggml's thread pool started, buffers first touched) happens here, at
+    load, not in the user's first prompt. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    n = min(WARM_UP_TOKENS, model.cache.max_len - 1)
+    if n >= 1:
+        tokens = torch.zeros(n, dtype=torch.long)
+        model.forward(tokens)
+        model.forward(tokens[:1])
+    model.reset()
+    return time.perf_counter() - t0
 
 
 def _route_shapes(model) -> list[tuple[int, int]]:
