@@ -59,9 +59,11 @@ def runtime_options(f):
                      help="Tuned config to use (default: hobbit-config.json next to the shards, "
                      "when no --policy is given)."),
         click.option("--no-config", is_flag=True, help="Ignore any tuned config."),
-        click.option("--kernels", type=click.Choice(["ggml", "torch"]),
-                     help="Compute path of quantized experts: ggml on the GGUF bytes in place, or "
-                     "torch's kernels after a conversion (default: the tuned config's, else ggml)."),
+        click.option("--kernels", type=click.Choice(["ggml", "ggml-plain", "torch"]),
+                     help="Compute path of quantized experts: ggml on the GGUF bytes in place "
+                     "(rewritten in ggml's interleaved layout where it has one: faster per use), "
+                     "ggml-plain (as read: cheaper per cache miss), or torch's kernels after a "
+                     "conversion (default: the tuned config's, else ggml)."),
         click.option("--threads", type=click.IntRange(1, 256),
                      help="Compute threads of the kernels (default: the CPUs this process may use "
                      "that no other process keeps busy; torch keeps one unless it computes experts)."),

@@ -124,6 +124,34 @@ def test_q8_0_dense_shard_runs_on_its_bytes(tmp_path, tokenizer_dir):
     assert torch.equal(off.logits(ids), q8.logits(ids))
 
 
+def test_ggml_plain_computes_the_experts_as_read(tmp_path, tokenizer_dir):
+    """kernels="ggml-plain": the Q4_K experts are not rewritten in ggml's interleaved
+    layout after their read (cheaper per miss), their loads go as plain batched reads, the
+    run says so, and the logits stay near those of the repacked copies (the interleaved
+    kernels round the activations in other groups: within the quantized tolerance)."""
+    from tiny_models import make_checkpoint, quantizable
+
+    import hobbit_tools
+
+    if not ggml.repack_traits("Q4_K", (256, 256)):
+        pytest.skip("this ggml build has no interleaved layout for Q4_K on this CPU")
+    make_checkpoint("mixtral", tmp_path / "hf", tokenizer_dir, **quantizable(num_hidden_layers=2))
+    hobbit_tools.prepare(tmp_path / "hf", tmp_path / "m", dense="F32", high="Q4_K")
+    packed = hobbit_tools.load(tmp_path / "m", memory="50%", policy="lru")
+    plain = hobbit_tools.load(tmp_path / "m", memory="50%", policy="lru", kernels="ggml-plain")
+    assert packed.info["kernels"] == {"high": "ggml"}
+    assert plain.info["kernels"] == {"high": "ggml-plain"}
+    store = plain.model.experts.store
+    assert not store.p["high"].repack and store.p["high"].batched == store.p["high"].file.direct
+    assert packed.model.experts.store.p["high"].repack
+    ids = plain.encode("Now is the winter of our discontent")
+    assert rel(plain.logits(ids), packed.logits(ids)) < TOL_Q
+    entry = next(iter(plain.model.experts.cache.entries.values()))
+    assert all(not w.traits for w in entry.expert.mats)
+    resident = hobbit_tools.load(tmp_path / "m", kernels="ggml-plain")
+    assert resident.info["kernels"] == {"high": "ggml-plain"}
+
+
 def _repacked(qtype, shape, seed=0):
     """A matrix's GGUF bytes and a copy repacked into ggml's interleaved layout."""
     raw = _raw(qtype, *shape, seed)

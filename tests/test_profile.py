@@ -345,7 +345,7 @@ def test_layer_by_layer_pass_gives_the_resident_model_logits(profiled, monkeypat
     store.close()
 
 
-@pytest.mark.parametrize("winner", ["torch", "ggml"])
+@pytest.mark.parametrize("winner", ["torch", "ggml", "ggml-plain"])
 def test_kernels_are_chosen_by_timed_decode(profiled, tmp_path, monkeypatch, winner):
     """Which kernels compute a quantized type is decided by decoding under the chosen
     strategy both ways, and the run takes the winner from the config."""
@@ -370,7 +370,11 @@ def test_kernels_are_chosen_by_timed_decode(profiled, tmp_path, monkeypatch, win
         d / "model", memory="50%", max_tokens=300, window=128, trace_tokens=16, quick=True,
         out=out, threads=1,
     )  # fmt: skip
-    assert sorted(timed) == ["ggml", "ggml", "torch", "torch"]  # interleaved, twice each
+    # interleaved, twice each; ggml-plain where some type would be rewritten after reads
+    assert sorted(timed) == sorted(2 * sorted(set(timed)))
+    assert {"ggml", "torch"} <= set(timed) <= {"ggml", "ggml-plain", "torch"}
+    if winner not in timed:
+        pytest.skip(f"{winner} was not a candidate here")
     kernels = result["runtime"]["kernels"]
     assert kernels and set(kernels.values()) == {winner}
     assert f"-> kernels {kernels}" in out.with_name("profile-report.md").read_text()

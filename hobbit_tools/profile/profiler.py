@@ -234,7 +234,7 @@ def _profile(
         cache = fit_cache(*trace, budget, None, step=0.5 if quick else 0.25)
         chosen = _strategy(cache["best"], None, depth)
         val = _validate(model, files, dtype, budget, chosen, held_w, base_held, names, lru_runs)
-    say("4/5 timing decode on ggml's kernels and on torch's")
+    say("4/5 timing decode on each kernel path (ggml, ggml as read, torch)")
     if hint := ggml.build_hint():
         say(f"note: {hint}")
     kernels, kernel_timing = _kernel_choice(
@@ -515,11 +515,15 @@ def _decode_windows(model, files, dtype, budget, s: Strategy, windows: Windows) 
 
 def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
     """Which compute path each quantized expert type takes, by decoding `ids` under the
-    chosen strategy and budget both ways, interleaved twice (medians): ggml on the GGUF bytes
-    as read, or torch's kernels after a conversion (paid per miss when offloaded, and a
-    larger slot where torch holds the type wider). Per-expert microbenchmarks cannot decide
-    it: one expert sits in the CPU's cache, decode streams every expert from RAM.
-    Returns ({qtype: "ggml" | "torch"}, the timings)."""
+    chosen strategy and budget each way, interleaved twice (medians): ggml on the GGUF bytes
+    (rewritten in ggml's interleaved layout after each read where it has one for the type
+    here), "ggml-plain" (the same bytes as read: a miss costs no rewrite, each use a little
+    more; timed only where some type would be rewritten), or torch's kernels after a
+    conversion (paid per miss when offloaded, and a larger slot where torch holds the type
+    wider). Per-expert microbenchmarks cannot decide it: one expert sits in the CPU's cache,
+    decode streams every expert from RAM, and how often a loaded copy is used before it is
+    evicted is the cache's. An alternative is taken where it decodes in at most
+    KERNEL_MIN_GAIN of ggml's time. Returns ({qtype: path}, the timings)."""
     from ..runtime import ggml
 
     quantized = sorted({q.qtype for q in store.p.values() if q.qtype in ggml.TYPES}
@@ -531,11 +535,23 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
     cfg = files.config
     params = 3 * cfg.hidden_size * cfg.expert_ffn
     in_flight = READS_PER_THREAD * OffloadOptions.io_threads
-    reserve = {"ggml": 0, "torch": in_flight * params * (4 + 2)}
+    reserve = {"ggml": 0, "ggml-plain": 0, "torch": in_flight * params * (4 + 2)}
+    runs: dict[str, list[float]] = {"ggml": []}
+    rewritten = any(
+        ggml.repack_traits(q.qtype, s.shape)
+        for q in store.p.values()
+        if q.qtype in quantized
+        for s in next(iter(q.slices.values()))
+    )
+    if rewritten:
+        runs["ggml-plain"] = []
+    notes = {}
     if available_memory().bytes - RUNTIME_FLOOR - reserve["torch"] < budget // 2:
-        return dict.fromkeys(quantized, "ggml"), {"torch": "does not fit: its conversions "
-                                                  "would take the memory the cache needs"}  # fmt: skip
-    runs: dict[str, list[float]] = {"ggml": [], "torch": []}
+        notes["torch"] = "does not fit: its conversions would take the memory the cache needs"
+    else:
+        runs["torch"] = []
+    if len(runs) == 1:
+        return dict.fromkeys(quantized, "ggml"), notes
     for _ in range(2):
         for path in runs:
             kernels = dict.fromkeys(quantized, path)
@@ -544,9 +560,10 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
                     model, files, dtype, budget, chosen, ids, kernels=kernels, reserve=reserve[path]
                 )[0]  # fmt: skip
             )
-    timing = {p: statistics.median(v) for p, v in runs.items()} | {"tokens": len(ids)}
-    path = "torch" if timing["torch"] <= KERNEL_MIN_GAIN * timing["ggml"] else "ggml"
-    return dict.fromkeys(quantized, path), timing
+    timing = {p: statistics.median(v) for p, v in runs.items()}
+    faster = [p for p in timing if p != "ggml" and timing[p] <= KERNEL_MIN_GAIN * timing["ggml"]]
+    path = min(faster, key=timing.get) if faster else "ggml"
+    return dict.fromkeys(quantized, path), timing | notes | {"tokens": len(ids)}
 
 
 def _prefill_route(files, store, quick: bool) -> tuple[dict, dict]:
@@ -698,9 +715,14 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
     if kt and "tokens" not in kt:
         lines.append(f"- kernels {runtime.get('kernels')}: torch's {kt['torch']}")
     elif kt:
+        timed = ", ".join(
+            f"{p} {v:.2f} s" if isinstance(v, float) else f"{p}: {v}"
+            for p, v in kt.items()
+            if p != "tokens"
+        )
         lines.append(
-            f"- decode of {kt['tokens']} tokens under the chosen strategy: ggml {kt['ggml']:.2f} s, "
-            f"torch {kt['torch']:.2f} s -> kernels {runtime.get('kernels')}"
+            f"- decode of {kt['tokens']} tokens under the chosen strategy: {timed} "
+            f"-> kernels {runtime.get('kernels')}"
         )
     for q, t in (fitted.get("prefill_route_timing") or {}).items():
         lines.append(
@@ -776,7 +798,10 @@ def render_report(files, device, runtime, fitted, ppl_budget) -> str:
             + (f", worst held-out piece {held - 1:+.2%}" if held is not None else "")
         )
     if "threshold_spread" in fitted:
-        lines.append("- thresholds per MoE layer over its experts (min / median / max):")
+        lines.append(
+            "- thresholds per MoE layer over its experts (min / median / max; high below T1, "
+            "skipped above T2, T1 0: even a token's top-1 selection of the expert goes low):"
+        )
         for layer, v in fitted["threshold_spread"].items():
             lines.append(
                 f"  - layer {layer}: T1 {v['t1'][0]:.2f} / {v['t1'][1]:.2f} / {v['t1'][2]:.2f}, "

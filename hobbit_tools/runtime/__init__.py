@@ -80,7 +80,9 @@ def load(
     packs: read experts from the slot packs where current (False: always convert from the
         shards after the read; for comparisons). Used by the torch kernels only.
     kernels: which compute path serves the quantized expert types: "ggml" (on the GGUF
-        bytes in place), "torch" (converted after the read, or from a slot pack), or a dict
+        bytes in place, rewritten in ggml's interleaved layout where it has one for the
+        type), "ggml-plain" (the same without that rewrite: cheaper per miss, slower per
+        use), "torch" (converted after the read, or from a slot pack), or a dict
         {type: path}; default: the tuned config's measured choice, else ggml where it loads.
     threads: compute threads of ggml's kernels (process-wide; default: the CPUs this process
         may use that nothing else keeps busy, looked at once). torch gets one thread unless
@@ -272,7 +274,7 @@ def _kernels(backend) -> dict[str, str]:
     store = getattr(backend, "store", None)
     if store is None:
         return getattr(backend, "kernels", {})  # resident: its store is closed
-    return {n: p.kernel for n, p in store.p.items()}
+    return {n: "ggml-plain" if p.plain else p.kernel for n, p in store.p.items()}
 
 
 def _packed(backend) -> dict[str, bool]:

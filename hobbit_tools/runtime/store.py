@@ -67,6 +67,8 @@ class Precision:
     slot_bytes: int = 0  # one expert converted for the kernel, as laid out in a slot
     image_bytes: int = 0  # slot_bytes rounded up to the direct-read block: a pack's image
     kernel: str = "torch"  # "ggml": the slot holds GGUF bytes, computed in place
+    repack: bool = False  # ggml: rewritten in its interleaved layout after the read
+    plain: bool = False  # ggml, told not to repack ("ggml-plain")
     batched: bool = False  # a load is plain direct reads into the slot and a check (aio.py)
     layout: list = field(default_factory=list)  # [role, attribute, dtype, shape, offset]
     template: list = field(default_factory=list)  # the three QLinears, without tensors
@@ -108,13 +110,19 @@ class ExpertStore:
             if p.kernel == "ggml":
                 # the slot is the read itself: each slice widened to block boundaries
                 p.slot_bytes = p.image_bytes = p.staging_bytes
+                # "ggml-plain": computed as read. A repack pays where a copy is used many
+                # times (resident, prefill); a decode miss used once or twice does better
+                # without it (a 33 MB Q4_0 expert: repack 6.2 ms, one token 3.5 ms as read
+                # and 1.6 ms repacked). `hobbit profile` times both.
+                shapes = [sl.shape for sl in next(iter(p.slices.values()))]
+                p.plain = (kernels or {}).get(p.qtype) == "ggml-plain"
+                p.repack = not p.plain and any(
+                    ggml.repack_traits(p.qtype, shape) for shape in shapes
+                )
                 # types ggml repacks here stay on the reader threads: a repack costs more
                 # than computing the expert (Q4_K, 6 MB: 2.4 ms against ~2 ms), and there
                 # it runs beside the model instead of on its thread
-                shapes = [sl.shape for sl in next(iter(p.slices.values()))]
-                p.batched = p.file.direct and not any(
-                    ggml.repack_traits(p.qtype, shape) for shape in shapes
-                )
+                p.batched = p.file.direct and not p.repack
                 continue
             self._measure_slot(p)
             if packs:
@@ -223,9 +231,11 @@ class ExpertStore:
 
     def _gguf_expert(self, p: Precision, layer: int, expert: int, slot: np.ndarray, views):
         mats = tuple(
-            ggml.repack(ggml.Weight(v.ctypes.data, p.qtype, s.shape))
+            ggml.Weight(v.ctypes.data, p.qtype, s.shape)
             for v, s in zip(views, p.slices[(layer, expert)], strict=True)
         )
+        if p.repack:
+            mats = tuple(ggml.repack(w) for w in mats)
         return GGUFExpert(mats, p.expert_bytes, slot, self._graphs)
 
     def reads_async(self, precision: str) -> bool:
@@ -269,7 +279,7 @@ class ExpertStore:
         weights = [
             ggml.Weight(0, p.qtype, s.shape)
             for p in self.p.values()
-            if p.kernel == "ggml"
+            if p.kernel == "ggml" and p.repack
             for s in next(iter(p.slices.values()))
         ]
         return ggml.repack_scratch_bytes(weights) if weights else 0
@@ -359,7 +369,7 @@ class ExpertStore:
 def _kernel_for(qtype: str, kernels: dict[str, str]) -> str:
     """kernels[qtype] where given and possible here, else the default."""
     want = kernels.get(qtype)
-    if want == "ggml" and default_kernel(qtype) == "ggml":
+    if want in ("ggml", "ggml-plain") and default_kernel(qtype) == "ggml":
         return "ggml"
     if want == "torch":
         return "torch"
