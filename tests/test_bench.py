@@ -81,6 +81,28 @@ def test_bench_runs_strategies_side_by_side(hf, tmp_path):
         reads = x["bytes_read_per_token"] / (out["direct_read_gbps"] * 1e9)
         assert b == pytest.approx(1 / max(reads, compute))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no run reads faster than the bandwidth its bound assumes
+    for x in runs.values():
+        rate = x["bytes_read_per_token"] * x["decode_tokens_per_s"] / 1e9
+        assert rate <= out["direct_read_gbps"] * (1 + 1e-9)
+    assert out["direct_read_gbps"] >= out["direct_read_gbps_probed"]
+
+
+def test_the_bound_never_assumes_less_bandwidth_than_a_run_reached():
+    """A short probe on a shared disk can read low: the bound then takes the fastest rate a
+    run read at (the device did at least that), so no run is faster than its bound for
+    want of bandwidth."""
+    from hobbit_tools.bench import _bandwidth
+
+    runs = [
+        {"bytes_read_per_token": 300e6, "decode_tokens_per_s": 5.0},  # 1.5 GB/s
+        {"bytes_read_per_token": 150e6, "decode_tokens_per_s": 8.0},  # 1.2 GB/s
+        {"bytes_read_per_token": 0.0, "decode_tokens_per_s": 150.0},  # resident
+    ]
+    assert _bandwidth(1.1, runs) == pytest.approx(1.5)
+    assert _bandwidth(2.0, runs) == 2.0
+    assert _bandwidth(None, runs) == pytest.approx(1.5)
+    assert _bandwidth(None, runs[2:]) is None
 
 
 def test_synth_presets_are_all_offered_by_the_cli():
