@@ -537,13 +537,7 @@ def _kernel_choice(model, files, dtype, budget, chosen: Strategy, store, ids):
     in_flight = READS_PER_THREAD * OffloadOptions.io_threads
     reserve = {"ggml": 0, "ggml-plain": 0, "torch": in_flight * params * (4 + 2)}
     runs: dict[str, list[float]] = {"ggml": []}
-    rewritten = any(
-        ggml.repack_traits(q.qtype, s.shape)
-        for q in store.p.values()
-        if q.qtype in quantized
-        for s in next(iter(q.slices.values()))
-    )
-    if rewritten:
+    if any(q.repack for q in store.p.values() if q.qtype in quantized):  # ggml rewrites some
         runs["ggml-plain"] = []
     notes = {}
     if available_memory().bytes - RUNTIME_FLOOR - reserve["torch"] < budget // 2:

@@ -274,7 +274,7 @@ def _kernels(backend) -> dict[str, str]:
     store = getattr(backend, "store", None)
     if store is None:
         return getattr(backend, "kernels", {})  # resident: its store is closed
-    return {n: "ggml-plain" if p.plain else p.kernel for n, p in store.p.items()}
+    return {n: p.path for n, p in store.p.items()}
 
 
 def _packed(backend) -> dict[str, bool]:

@@ -236,7 +236,7 @@ def load_resident_experts(
     experts: dict[int, list] = {}
     for i, (layer, e) in enumerate(keys):
         experts.setdefault(layer, []).append(store.read(layer, e, precision, arena.view(i)))
-    kernel = "ggml-plain" if store.p[precision].plain else store.p[precision].kernel
+    kernel = store.p[precision].path
     store.close()
     backend = ResidentExperts(experts)
     backend.arena = arena  # the experts' tensors live in it

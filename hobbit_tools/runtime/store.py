@@ -75,6 +75,11 @@ class Precision:
     pack: Pack | None = None
 
     @property
+    def path(self) -> str:
+        """The compute path as `load(kernels=...)` names it: "ggml", "ggml-plain" or "torch"."""
+        return "ggml-plain" if self.plain else self.kernel
+
+    @property
     def load_bytes(self) -> int:
         """Bytes one load reads from disk."""
         return self.image_bytes if self.pack is not None else self.expert_bytes
